@@ -1,0 +1,28 @@
+"""tokenmill: an LLM inference engine with vLLM V1 semantics, built from plugins.
+
+Writing a plugin: subclass one of the component bases below, register the
+class from a hook implementation, and expose the module in the
+``tokenmill.plugins`` entry-point group (see ``tokenmill.hookspecs``).
+"""
+__version__ = "0.1.0"
+
+from .attention import AttentionBackend, AttentionMetadata
+from .components import KINDS, Component, SupportsV0Only
+from .config import (CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig,
+                     StructuredOutputsConfig)
+from .drafter import Drafter
+from .errors import (ConfigError, PluginLoadError, RefusedComponentError, RegistrationError, TokenmillError,
+                     UnknownComponentError)
+from .hookspecs import hookimpl, hookspec
+from .model_base import KVCacheSpec, Model
+from .registry import ComponentRecord, Provider, Registry, get_registry
+from .structured import Grammar, GuidedDecoder, StructuredOutputsParams, UnsupportedStructuredOutput
+
+__all__ = [
+    "AttentionBackend", "AttentionMetadata", "CacheConfig", "Component", "ComponentRecord", "ConfigError",
+    "Drafter", "EngineConfig", "Grammar", "GuidedDecoder", "KINDS", "KVCacheSpec", "Model", "ModelConfig",
+    "PluginLoadError", "Provider", "RefusedComponentError", "Registry", "RegistrationError",
+    "SchedulerConfig", "SpeculativeConfig", "StructuredOutputsConfig", "StructuredOutputsParams",
+    "SupportsV0Only", "TokenmillError", "UnknownComponentError", "UnsupportedStructuredOutput",
+    "__version__", "get_registry", "hookimpl", "hookspec",
+]

@@ -1,0 +1,122 @@
+"""The attention backend contract and the per-step metadata it receives.
+
+Paged KV cache: every layer has one cache tensor whose shape the backend
+chooses (``kv_cache_shape``). Tokens live in fixed-size blocks; a token's
+*slot* is ``block_id * block_size + offset_in_block``.
+
+    request r, block_size 4, block table [7, 2, 9]
+    token position:  0 1 2 3 | 4 5 6 7 | 8 9
+    block id:        7 7 7 7 | 2 2 2 2 | 9 9
+    slot:           28 ... 31| 8 ... 11|36 37
+
+A step's batch is a flat run of new tokens, request after request:
+
+    query_start_loc  [0, 1, 5, 6]       request 0: 1 token (decode), 1: 4, 2: 1
+    seq_lens         [17, 4, 33]        cached + new tokens of each request
+
+Request ``i``'s new tokens sit at positions ``seq_lens[i] - query_len_i ...
+seq_lens[i] - 1``; they attend causally among themselves and fully to the
+``seq_lens[i] - query_len_i`` tokens already in the cache.
+"""
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from .components import ATTENTION_BACKEND, Component
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Everything a backend needs for one step; built by the model runner.
+
+    ``slot_mapping[t] == -1`` marks a padding token whose K/V must not be written.
+    Tensors are on the model's device; the ``*_cpu`` copies spare host syncs.
+    """
+
+    num_actual_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor  # int32 [num_reqs + 1]
+    seq_lens: torch.Tensor  # int32 [num_reqs]
+    block_tables: torch.Tensor  # int32 [num_reqs, max_blocks_per_req]
+    slot_mapping: torch.Tensor  # int64 [num_tokens]
+    query_start_loc_cpu: torch.Tensor  # int32 [num_reqs + 1]
+    seq_lens_cpu: torch.Tensor  # int32 [num_reqs]
+
+    @property
+    def num_reqs(self) -> int:
+        return self.seq_lens_cpu.shape[0]
+
+
+class AttentionBackend(Component):
+    """A paged attention implementation.
+
+    One instance serves every layer of a model; the layer's cache tensor is
+    passed to ``forward``. Class attributes describe what it supports; ``None``
+    means "any".
+    """
+
+    kind = ATTENTION_BACKEND
+    supported_devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+    supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.float16, torch.bfloat16)
+    supported_head_sizes: ClassVar[tuple[int, ...] | None] = None
+    supported_block_sizes: ClassVar[tuple[int, ...] | None] = None
+
+    def __init__(self, *, num_heads: int, num_kv_heads: int, head_size: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        problem = self.unsupported_reason(head_size=head_size, dtype=dtype, device=device)
+        if problem:
+            raise ValueError(f"attention backend '{self.name}': {problem}")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_size = head_size
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+    @classmethod
+    def unsupported_reason(cls, *, head_size: int | None = None, dtype: torch.dtype | None = None,
+                           device: torch.device | str | None = None,
+                           block_size: int | None = None) -> str | None:
+        """Why this backend cannot serve that shape, or None when it can."""
+        if device is not None and torch.device(device).type not in cls.supported_devices:
+            return f"device must be one of {list(cls.supported_devices)}, got '{torch.device(device).type}'"
+        if dtype is not None and dtype not in cls.supported_dtypes:
+            return f"dtype must be one of {[str(d) for d in cls.supported_dtypes]}, got {dtype}"
+        if head_size is not None and cls.supported_head_sizes is not None \
+                and head_size not in cls.supported_head_sizes:
+            return f"head_size must be one of {list(cls.supported_head_sizes)}, got {head_size}"
+        if block_size is not None and cls.supported_block_sizes is not None \
+                and block_size not in cls.supported_block_sizes:
+            return f"block_size must be one of {list(cls.supported_block_sizes)}, got {block_size}"
+        return None
+
+    @classmethod
+    def capabilities(cls) -> dict[str, Any]:
+        return {
+            "devices": list(cls.supported_devices),
+            "dtypes": [str(d).removeprefix("torch.") for d in cls.supported_dtypes],
+            "head_sizes": "any" if cls.supported_head_sizes is None else list(cls.supported_head_sizes),
+            "block_sizes": "any" if cls.supported_block_sizes is None else list(cls.supported_block_sizes),
+        }
+
+    @staticmethod
+    @abstractmethod
+    def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int,
+                       head_size: int) -> tuple[int, ...]:
+        """Shape of one layer's cache tensor (keys and values together)."""
+
+    @abstractmethod
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Write ``k``/``v`` into ``kv_cache`` at ``metadata.slot_mapping``, then attend.
+
+        q: [num_tokens, num_heads, head_size]; k, v: [num_tokens, num_kv_heads,
+        head_size]. Returns [num_tokens, num_heads, head_size] in q's dtype.
+        Rows past ``metadata.num_actual_tokens`` are padding: any finite value.
+        """

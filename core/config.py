@@ -1,0 +1,218 @@
+"""Engine configuration: pydantic sections, built from keywords, a dict or a file.
+
+Options keep vLLM's flat names (``block_size=32``, ``speculative_config={...}``);
+each maps to a field of a section (``cache.block_size``). Nested section
+dicts (``{"cache": {"block_size": 32}}``) work too. Unknown and deprecated
+options are errors that name the option.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+STRUCTURED_BACKEND = "xgrammar:no_fallback"
+_STRUCTURED_ALIASES = {"xgrammar": STRUCTURED_BACKEND, STRUCTURED_BACKEND: STRUCTURED_BACKEND}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    model: str = DEFAULT_MODEL
+    tokenizer: str | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    max_model_len: int | None = Field(default=None, ge=1)
+    load_format: Literal["auto", "safetensors", "gguf", "dummy"] = "auto"
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_aliases(cls, value: Any) -> Any:
+        return {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16",
+                "fp32": "float32"}.get(value, value)
+
+
+class CacheConfig(_Section):
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: int | None = Field(default=None, ge=1)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
+    kv_cache_memory_bytes: int | None = Field(default=None, ge=1)
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value < 1 or value > 256 or value & (value - 1):
+            raise ValueError(f"must be a power of two between 1 and 256, got {value}")
+        return value
+
+
+class SchedulerConfig(_Section):
+    max_num_seqs: int = Field(default=256, ge=1)
+    max_num_batched_tokens: int = Field(default=8192, ge=1)
+    enable_chunked_prefill: bool = True
+    max_num_queued_requests: int | None = Field(default=None, ge=1)
+
+
+class SpeculativeConfig(_Section):
+    """``speculative_config``: the drafter ``method`` (a registered drafter name) and its bounds."""
+
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_min: int | None = None
+    prompt_lookup_max: int | None = None
+
+    @field_validator("num_speculative_tokens")
+    @classmethod
+    def _at_least_one(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be >= 1, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _lookup_bounds(self) -> SpeculativeConfig:
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        if lo is None and hi is None:
+            lo = hi = 5
+        lo = hi if lo is None else lo
+        hi = lo if hi is None else hi
+        if lo < 1:
+            raise ValueError(f"prompt_lookup_min must be >= 1, got {lo}")
+        if lo > hi:
+            raise ValueError(f"prompt_lookup_min ({lo}) must be <= prompt_lookup_max ({hi})")
+        object.__setattr__(self, "prompt_lookup_min", lo)  # bypass re-validation
+        object.__setattr__(self, "prompt_lookup_max", hi)
+        return self
+
+
+class StructuredOutputsConfig(_Section):
+    backend: str = STRUCTURED_BACKEND
+
+    @field_validator("backend")
+    @classmethod
+    def _no_fallback_only(cls, value: str) -> str:
+        if value not in _STRUCTURED_ALIASES:
+            raise ValueError(f"must be '{STRUCTURED_BACKEND}' (or its alias 'xgrammar'); V1 has no "
+                             f"fallback backends, got {value!r}")
+        return _STRUCTURED_ALIASES[value]
+
+
+class EngineConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig | None = None
+    structured_outputs: StructuredOutputsConfig = Field(default_factory=StructuredOutputsConfig)
+    attention_backend: str | None = None
+    device: str = "auto"
+    seed: int = 0
+    plugin_errors: Literal["raise", "warn"] = "raise"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        base, _, index = value.partition(":")
+        if base not in ("auto", "cpu", "cuda") or (index and not (base == "cuda" and index.isdigit())):
+            raise ValueError(f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+        return value
+
+    @classmethod
+    def build(cls, source: Mapping[str, Any] | str | Path | None = None, **options: Any) -> EngineConfig:
+        """An EngineConfig from a dict or a JSON/TOML file, overridden by keyword options."""
+        merged: dict[str, Any] = dict(_read_source(source)) if source is not None else {}
+        merged.update(options)
+        nested = _nest(merged)
+        try:
+            return cls.model_validate(nested)
+        except ValidationError as exc:
+            raise ConfigError(_format_errors(exc)) from None
+
+
+# flat (vLLM) option name -> (section, field); section None means top level
+_FLAT: dict[str, tuple[str | None, str]] = {
+    **{f: ("model", f) for f in ModelConfig.model_fields},
+    **{f: ("cache", f) for f in CacheConfig.model_fields},
+    **{f: ("scheduler", f) for f in SchedulerConfig.model_fields},
+    "speculative_config": (None, "speculative"),
+    "structured_outputs_config": (None, "structured_outputs"),
+    **{f: (None, f) for f in ("attention_backend", "device", "seed", "plugin_errors")},
+}
+_SECTIONS = ("model", "cache", "scheduler", "speculative", "structured_outputs")
+_DEPRECATED = {
+    "best_of": "best_of is deprecated in V1; use n and pick among the outputs",
+    "swap_space": "KV cache swapping is deprecated in V1; preempted requests are recomputed",
+    "cpu_offload_gb": "CPU offloading is deprecated in V1",
+    "kv_offloading_size": "KV cache offloading is deprecated in V1",
+    "preemption_mode": "preemption_mode is deprecated in V1; preemption is always by recompute",
+    "logits_processors": "per-request logits processors are deprecated in V1",
+}
+
+
+def _read_source(source: Mapping[str, Any] | str | Path) -> Mapping[str, Any]:
+    if isinstance(source, Mapping):
+        return source
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    if path.suffix == ".toml":
+        return tomllib.loads(path.read_text())
+    raise ConfigError(f"config file must end in .json or .toml, got {str(path)!r}")
+
+
+def _nest(options: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in options.items():
+        if key in _DEPRECATED:
+            raise ConfigError(f"{key}: {_DEPRECATED[key]}")
+        if key == "model" and isinstance(value, Mapping):
+            section, field = "model", None
+        elif key in _FLAT:
+            section, field = _FLAT[key]
+        elif key in _SECTIONS:
+            section, field = key, None
+        else:
+            close = difflib.get_close_matches(key, [*_FLAT, *_SECTIONS], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown engine option {key!r}{hint}")
+        if field is None:  # a whole section given as a dict
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{key} must be a mapping of options, got {type(value).__name__}")
+            for sub in value:
+                if sub in _DEPRECATED:
+                    raise ConfigError(f"{key}.{sub}: {_DEPRECATED[sub]}")
+            nested.setdefault(section, {}).update(value)
+        elif section is None:
+            nested[field] = value
+        else:
+            nested.setdefault(section, {})[field] = value
+    return nested
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err["loc"]) or "config"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown option")
+            continue
+        message = err["msg"].removeprefix("Value error, ")
+        if "got" not in message:
+            message += f", got {err.get('input')!r}"
+        lines.append(f"{where}: {message}")
+    return "invalid engine config: " + "; ".join(lines)

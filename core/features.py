@@ -1,0 +1,94 @@
+"""The feature matrix: what this installation supports, computed from the registry.
+
+``tokenmill features --json`` prints ``feature_matrix(registry)``:
+
+    {"components": [{"kind", "name", "provider", "status", "reason", "capabilities"}, ...],
+     "features":   [{"feature", "status", "detail"}, ...],
+     "plugin_errors": [...], "skipped_plugins": [...]}
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .components import ATTENTION_BACKEND, DRAFTER, GUIDED_DECODER, MODEL
+from .config import _DEPRECATED, STRUCTURED_BACKEND
+
+if TYPE_CHECKING:
+    from .registry import ComponentRecord, Registry
+
+# Engine-level V1 features that no component provides: (feature, status, detail).
+# Each row states what the engine in this tree does today.
+ENGINE_FEATURES: tuple[tuple[str, str, str], ...] = (
+    ("logprobs", "not_implemented", "sample logprobs from raw logits (V1 semantics): the sampler is not built yet"),
+    ("prompt_logprobs", "not_implemented", "prompt logprobs: the sampler is not built yet"),
+    ("prefix_caching", "not_implemented", "paged KV cache with prefix caching: the KV cache manager is not built yet"),
+    ("chunked_prefill", "not_implemented", "the scheduler is not built yet"),
+)
+
+
+def component_row(record: ComponentRecord) -> dict[str, Any]:
+    return {
+        "kind": record.kind,
+        "name": record.name,
+        "provider": str(record.provider),
+        "status": record.status,
+        "reason": record.reason,
+        "capabilities": record.cls.capabilities() if record.status == "available" else {},
+    }
+
+
+def _listing(feature: str, names: list[str], none_detail: str) -> dict[str, str]:
+    if names:
+        return {"feature": feature, "status": "supported", "detail": ", ".join(names)}
+    return {"feature": feature, "status": "unavailable", "detail": none_detail}
+
+
+def feature_matrix(registry: Registry) -> dict[str, Any]:
+    available = {kind: registry.available(kind) for kind in (ATTENTION_BACKEND, DRAFTER, GUIDED_DECODER, MODEL)}
+    refused_models = [r for r in registry.records(MODEL) if r.status == "refused"]
+    guided = available[GUIDED_DECODER]
+    structured = [f"{STRUCTURED_BACKEND} (modes: {', '.join(cls.capabilities().get('modes', []))})"
+                  for name, cls in guided.items() if f"{name}:no_fallback" == STRUCTURED_BACKEND]
+    features = [
+        _listing("attention_backends", sorted(available[ATTENTION_BACKEND]), "no attention backend registered"),
+        _listing("model_architectures", sorted(available[MODEL]), "no model class registered"),
+        {"feature": "unsupported_model_kinds", "status": "refused" if refused_models else "none",
+         "detail": "; ".join(f"{r.name}: {r.reason}" for r in refused_models)},
+        _listing("spec_decode_methods", sorted(available[DRAFTER]), "no drafter registered"),
+        _listing("structured_output_backends", structured,
+                 f"{STRUCTURED_BACKEND} needs the 'xgrammar' guided decoder, which is not registered"),
+        *({"feature": f, "status": s, "detail": d} for f, s, d in ENGINE_FEATURES),
+        {"feature": "deprecated_options", "status": "deprecated",
+         "detail": "rejected with an error: " + ", ".join(sorted(_DEPRECATED))},
+    ]
+    return {
+        "components": [component_row(r) for r in registry.records()],
+        "features": features,
+        "plugin_errors": list(registry.plugin_errors),
+        "skipped_plugins": list(registry.skipped_plugins),
+    }
+
+
+def format_table(matrix: dict[str, Any]) -> str:
+    """The matrix as aligned text tables for a terminal."""
+    def table(headers: list[str], rows: list[list[str]]) -> list[str]:
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
+        return [fmt.format(*headers), fmt.format(*("-" * w for w in widths)),
+                *(fmt.format(*r) for r in rows)]
+
+    def detail(c: dict[str, Any]) -> str:
+        if c["status"] == "refused":
+            return c["reason"]
+        return "; ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+                         for k, v in c["capabilities"].items())
+
+    lines = ["Components", *table(["KIND", "NAME", "PROVIDER", "STATUS", "DETAIL"],
+                                 [[c["kind"], c["name"], c["provider"], c["status"], detail(c)]
+                                  for c in matrix["components"]])]
+    lines += ["", "Features", *table(["FEATURE", "STATUS", "DETAIL"],
+                                     [[f["feature"], f["status"], f["detail"]] for f in matrix["features"]])]
+    for title, key in (("Plugin errors", "plugin_errors"), ("Skipped plugins (allowlist)", "skipped_plugins")):
+        if matrix[key]:
+            lines += ["", title, *(f"- {e}" for e in matrix[key])]
+    return "\n".join(lines)

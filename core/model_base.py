@@ -1,0 +1,79 @@
+"""The model class contract: a decoder-only transformer over a paged KV cache."""
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from .attention import AttentionBackend, AttentionMetadata
+from .components import MODEL, Component
+
+
+@dataclass(frozen=True, slots=True)
+class KVCacheSpec:
+    """How many cache tensors a model needs and what each holds per token."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+
+
+class Model(torch.nn.Module, Component):
+    """A model class, registered under the HuggingFace ``architectures`` it implements.
+
+    Construction builds the modules with uninitialised weights on the current
+    default device and dtype; ``load_weights`` fills them. The engine then calls
+    ``bind_kv_caches`` once with one cache tensor per layer.
+    """
+
+    kind = MODEL
+    architectures: ClassVar[tuple[str, ...]]
+
+    def __init__(self, hf_config: Any, attention: AttentionBackend) -> None:
+        torch.nn.Module.__init__(self)
+        self.hf_config = hf_config
+        self.attention = attention
+        self.kv_caches: list[torch.Tensor] = []
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(cls.architectures)
+
+    @classmethod
+    def capabilities(cls) -> dict[str, Any]:
+        return {"architectures": list(cls.architectures)}
+
+    @classmethod
+    def kv_cache_spec(cls, hf_config: Any) -> KVCacheSpec:
+        """Read the cache geometry from a HuggingFace config (standard field names)."""
+        num_heads = hf_config.num_attention_heads
+        head_size = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+        return KVCacheSpec(num_layers=hf_config.num_hidden_layers,
+                           num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
+                           head_size=head_size)
+
+    @classmethod
+    def example_config(cls) -> Any:
+        """A tiny HuggingFace config for this class, used by the conformance suite."""
+        raise NotImplementedError(f"{cls.__name__}.example_config() is not defined; the "
+                                  "conformance suite needs it to build a tiny instance")
+
+    def bind_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
+        self.kv_caches = kv_caches
+
+    @abstractmethod
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: int [num_tokens]. Returns hidden states [num_tokens, hidden]."""
+
+    @abstractmethod
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [n, hidden] (only the rows that need logits). Returns fp32 [n, vocab]."""
+
+    @abstractmethod
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy checkpoint tensors (HuggingFace names) into the parameters.
+        Returns the names of the parameters that were loaded."""

@@ -1,0 +1,1 @@
+"""tokenmill's built-in plugins, registered exactly like third-party ones."""

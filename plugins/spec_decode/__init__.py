@@ -1,0 +1,1 @@
+"""Built-in spec_decode plugin."""
