@@ -1,0 +1,197 @@
+"""Conformance checks: each component kind against its contract.
+
+Every check is a plain function ``check(cls)`` that raises ``AssertionError``
+(or ``pytest.skip`` for a missing precondition such as a CUDA device). The
+pytest plugin in ``tokenmill.testing`` turns them into test items.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from ..components import ATTENTION_BACKEND, DRAFTER, GUIDED_DECODER, MODEL
+from ..config import SpeculativeConfig
+from .builders import make_attention_metadata, shuffled_block_tables
+
+# (dtype, absolute tolerance, relative tolerance) for attention outputs against the fp32 reference
+ATTENTION_TOLERANCES = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-3, 1e-2), torch.bfloat16: (1.5e-2, 2e-2)}
+
+
+def _device_for(cls) -> str:
+    if "cpu" in cls.supported_devices:
+        return "cpu"
+    if "cuda" in cls.supported_devices and torch.cuda.is_available():
+        return "cuda"
+    pytest.skip(f"{cls.name} supports {list(cls.supported_devices)}; none of them is present here")
+
+
+# ---------------------------------------------------------------- attention backends
+
+
+def attention_matches_reference(cls) -> None:
+    """Prefill from empty, then a mixed step (decode, chunk after a cached prefix
+    not aligned to a block, fresh prompt), both equal to the reference backend."""
+    from tokenmill.plugins.attention.torch_backend import TorchAttentionBackend
+
+    device = _device_for(cls)
+    head_size = 32 if cls.supported_head_sizes is None else min(cls.supported_head_sizes)
+    block_size = 16 if cls.supported_block_sizes is None else min(cls.supported_block_sizes)
+    for dtype in [d for d in (torch.float32, torch.bfloat16) if d in cls.supported_dtypes]:
+        for num_heads, num_kv_heads in ((4, 4), (6, 2)):
+            _compare_two_steps(cls, TorchAttentionBackend, device, dtype, num_heads, num_kv_heads,
+                               head_size, block_size)
+
+
+def _compare_two_steps(cls, ref_cls, device, dtype, num_heads, num_kv_heads, head_size, block_size) -> None:
+    gen = torch.Generator().manual_seed(0)
+    kwargs = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_size=head_size, dtype=dtype, device=device)
+    backend, reference = cls(**kwargs), ref_cls(**kwargs)
+    num_blocks = 24
+    cache = torch.zeros(cls.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size), dtype=dtype, device=device)
+    ref_cache = torch.zeros(ref_cls.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size),
+                            dtype=dtype, device=device)
+    prefix_lens, new_lens = [17, 7, 0, 33], [1, 5, 9, 2]
+    tables = shuffled_block_tables([p + n for p, n in zip(prefix_lens, new_lens)], block_size, num_blocks, gen)
+    atol, rtol = ATTENTION_TOLERANCES[dtype]
+    scale = head_size ** -0.5
+    steps = [(prefix_lens, prefix_lens, 0), (new_lens, [p + n for p, n in zip(prefix_lens, new_lens)], 3)]
+    for step, (query_lens, seq_lens, padding) in enumerate(steps):
+        md = make_attention_metadata(query_lens, seq_lens, tables, block_size, device, num_padding_tokens=padding)
+        total = md.num_actual_tokens + padding
+        q, k, v = (torch.randn(total, h, head_size, generator=gen).to(device, dtype)
+                   for h in (num_heads, num_kv_heads, num_kv_heads))
+        out = backend.forward(q, k, v, cache, md, scale)
+        expected = reference.forward(q, k, v, ref_cache, md, scale)
+        assert out.shape == q.shape and out.dtype == q.dtype, \
+            f"{cls.name}: output {tuple(out.shape)} {out.dtype}, expected {tuple(q.shape)} {q.dtype}"
+        n = md.num_actual_tokens
+        torch.testing.assert_close(out[:n].float(), expected[:n].float(), atol=atol, rtol=rtol,
+                                   msg=lambda m: f"{cls.name} step {step} ({dtype}, heads {num_heads}/"
+                                                 f"{num_kv_heads}) differs from the reference: {m}")
+
+
+def attention_declares_cache_shape(cls) -> None:
+    shape = cls.kv_cache_shape(8, 16, 2, 64)
+    assert isinstance(shape, tuple) and all(isinstance(d, int) and d > 0 for d in shape), \
+        f"{cls.name}.kv_cache_shape must return a tuple of positive ints, got {shape!r}"
+    numel = 1
+    for d in shape:
+        numel *= d
+    assert numel >= 2 * 8 * 16 * 2 * 64, f"{cls.name}.kv_cache_shape {shape} cannot hold keys and values"
+
+
+# ---------------------------------------------------------------- drafters
+
+
+def _drafter(cls, k: int = 3):
+    return cls(SpeculativeConfig(method=cls.name, num_speculative_tokens=k, prompt_lookup_min=1, prompt_lookup_max=3))
+
+
+def _random_requests(seed: int, count: int = 24) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(seed)
+    token_ids = [[rng.randrange(6) for _ in range(rng.randrange(0, 40))] for _ in range(count)]
+    return token_ids, [rng.randrange(0, 6) for _ in range(count)]
+
+
+def drafter_respects_bounds(cls) -> None:
+    drafter = _drafter(cls)
+    for seed in range(5):
+        token_ids, limits = _random_requests(seed)
+        drafts = drafter.propose(token_ids, limits)
+        assert len(drafts) == len(token_ids), f"{cls.name}: {len(drafts)} results for {len(token_ids)} requests"
+        for tokens, limit, draft in zip(token_ids, limits, drafts):
+            draft = list(draft)
+            assert len(draft) <= limit, f"{cls.name} proposed {len(draft)} tokens, limit {limit}: {draft}"
+            assert all(int(t) == t and t >= 0 for t in draft), f"{cls.name} proposed non-token values {draft}"
+
+
+def drafter_is_deterministic(cls) -> None:
+    """The rejection rule treats drafts as a point mass: same input, same drafts."""
+    token_ids, limits = _random_requests(7)
+    first = [list(map(int, d)) for d in _drafter(cls).propose(token_ids, limits)]
+    again = [list(map(int, d)) for d in _drafter(cls).propose(token_ids, limits)]
+    assert first == again, f"{cls.name} is not deterministic"
+
+
+def drafter_accepts_numpy(cls) -> None:
+    import numpy as np
+
+    token_ids, limits = _random_requests(3)
+    as_lists = [list(map(int, d)) for d in _drafter(cls).propose(token_ids, limits)]
+    as_arrays = [list(map(int, d)) for d in _drafter(cls).propose(
+        [np.asarray(t, dtype=np.int64) for t in token_ids], limits)]
+    assert as_lists == as_arrays, f"{cls.name} gives different drafts for numpy input"
+    assert list(_drafter(cls).propose([], [])) == [], f"{cls.name} must return [] for an empty batch"
+
+
+# ---------------------------------------------------------------- models
+
+
+def _tiny_model(cls, hf_config):
+    from tokenmill.plugins.attention.torch_backend import TorchAttentionBackend
+
+    spec = cls.kv_cache_spec(hf_config)
+    attention = TorchAttentionBackend(num_heads=hf_config.num_attention_heads, num_kv_heads=spec.num_kv_heads,
+                                      head_size=spec.head_size, dtype=torch.float32, device="cpu")
+    model = cls(hf_config, attention).float().eval()
+    caches = [torch.zeros(attention.kv_cache_shape(16, 16, spec.num_kv_heads, spec.head_size))
+              for _ in range(spec.num_layers)]
+    model.bind_kv_caches(caches)
+    return model, caches
+
+
+def model_matches_transformers(cls) -> None:
+    """Load the weights of the transformers implementation of the same config;
+    logits of a prompt equal transformers' (fp32)."""
+    import transformers
+
+    hf_config = cls.example_config()
+    arch = hf_config.architectures[0] if getattr(hf_config, "architectures", None) else cls.architectures[0]
+    if not hasattr(transformers, arch):
+        pytest.skip(f"transformers has no {arch} to compare against")
+    torch.manual_seed(0)
+    hf_model = getattr(transformers, arch)(hf_config).float().eval()
+    for p in hf_model.parameters():
+        p.data.normal_(0, 0.05)
+    model, _ = _tiny_model(cls, hf_config)
+    loaded = model.load_weights(hf_model.state_dict().items())
+    assert loaded, f"{cls.__name__}.load_weights loaded nothing"
+    ids = torch.randint(0, hf_config.vocab_size, (11,), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = hf_model(ids[None]).logits[0].float()
+        md = make_attention_metadata([11], [11], [[3]], 16)
+        hidden = model(ids, torch.arange(11), md)
+        logits = model.compute_logits(hidden)
+    assert logits.shape == expected.shape and logits.dtype == torch.float32, \
+        f"compute_logits gave {tuple(logits.shape)} {logits.dtype}, expected {tuple(expected.shape)} float32"
+    torch.testing.assert_close(logits, expected, atol=2e-4, rtol=1e-3)
+
+
+def model_uses_paged_cache(cls) -> None:
+    """A prompt in one forward and the same prompt as chunk + decode steps give the same last logits."""
+    hf_config = cls.example_config()
+    torch.manual_seed(0)
+    model, caches = _tiny_model(cls, hf_config)
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    ids = torch.randint(0, hf_config.vocab_size, (21,), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        whole = model.compute_logits(model(ids, torch.arange(21), make_attention_metadata([21], [21], [[5, 2]], 16)))
+        for c in caches:
+            c.zero_()
+        table = [[9, 4]]
+        model(ids[:13], torch.arange(13), make_attention_metadata([13], [13], table, 16))
+        model(ids[13:20], torch.arange(13, 20), make_attention_metadata([7], [20], table, 16))
+        last = model.compute_logits(model(ids[20:], torch.tensor([20]), make_attention_metadata([1], [21], table, 16)))
+    torch.testing.assert_close(last[0], whole[-1], atol=2e-4, rtol=1e-3)
+
+
+CHECKS: dict[str, list[Callable]] = {
+    ATTENTION_BACKEND: [attention_declares_cache_shape, attention_matches_reference],
+    DRAFTER: [drafter_respects_bounds, drafter_is_deterministic, drafter_accepts_numpy],
+    GUIDED_DECODER: [],
+    MODEL: [model_matches_transformers, model_uses_paged_cache],
+}
