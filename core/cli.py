@@ -1,9 +1,10 @@
-"""The ``tokenmill`` command line."""
+"""The ``tokenmill`` command line: features, generate, chat."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import Any
 
 from . import __version__
 
@@ -17,6 +18,105 @@ def _features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for name in ("model", "dtype", "max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens",
+                 "attention_backend", "device", "seed", "load_format", "num_gpu_blocks_override"):
+        value = getattr(args, name)
+        if value is not None:
+            options[name] = value
+    if args.no_prefix_caching:
+        options["enable_prefix_caching"] = False
+    if args.speculative_config:
+        options["speculative_config"] = json.loads(args.speculative_config)
+    for item in args.option:
+        key, _, raw = item.partition("=")
+        try:
+            options[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key] = raw
+    return options
+
+
+def _make_llm(args: argparse.Namespace):
+    from .llm import LLM
+
+    options = _engine_options(args)
+    return LLM.from_config(args.config, **options) if args.config else LLM(**options)
+
+
+def _sampling(args: argparse.Namespace):
+    from .sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          seed=args.sampling_seed)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    llm = _make_llm(args)
+    params = _sampling(args)
+    prompts = args.prompt or ["What is the capital of France?"]
+    if args.raw:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    else:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
+    for prompt, output in zip(prompts, outputs):
+        completion = output.outputs[0]
+        print(f"> {prompt}\n{completion.text}\n[{len(completion.token_ids)} tokens, "
+              f"finish_reason={completion.finish_reason}]")
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    llm = _make_llm(args)
+    params = _sampling(args)
+    history: list[dict[str, str]] = []
+    print("tokenmill chat: an empty line or Ctrl-D ends the session", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        prompt = {"prompt_token_ids": llm.apply_chat_template(history)}
+        reply = []
+        print("assistant> ", end="", flush=True)
+        for output in llm.stream(prompt, params):
+            piece = output.outputs[0].text
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("engine options (vLLM names)")
+    g.add_argument("--model", help="a model directory, a .gguf file, or the default model's name")
+    g.add_argument("--config", help="engine config file (.json or .toml); flags override it")
+    g.add_argument("--dtype")
+    g.add_argument("--max-model-len", type=int)
+    g.add_argument("--block-size", type=int)
+    g.add_argument("--max-num-seqs", type=int)
+    g.add_argument("--max-num-batched-tokens", type=int)
+    g.add_argument("--num-gpu-blocks-override", type=int)
+    g.add_argument("--attention-backend")
+    g.add_argument("--device")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--load-format")
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--speculative-config", help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
+    g.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other engine option (value parsed as JSON when it can be)")
+    s = parser.add_argument_group("sampling")
+    s.add_argument("--max-tokens", type=int, default=128)
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--sampling-seed", type=int)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="LLM inference engine with vLLM V1 semantics")
     parser.add_argument("--version", action="version", version=f"tokenmill {__version__}")
@@ -26,18 +126,24 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--plugin-errors", choices=("raise", "warn"), default="raise",
                           help="a plugin that fails to load is an error (default) or a warning")
     features.set_defaults(func=_features)
+    generate = sub.add_parser("generate", help="generate replies to prompts (chat template unless --raw)")
+    generate.add_argument("prompt", nargs="*", help="default: 'What is the capital of France?'")
+    generate.add_argument("--raw", action="store_true", help="complete the prompt text without the chat template")
+    _add_engine_arguments(generate)
+    generate.set_defaults(func=_generate)
+    chat = sub.add_parser("chat", help="an interactive, streamed chat")
+    _add_engine_arguments(chat)
+    chat.set_defaults(func=_chat)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .errors import TokenmillError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except Exception as exc:  # a clear one-line message, not a traceback, for users
-        from .errors import TokenmillError
-
-        if not isinstance(exc, TokenmillError):
-            raise
+    except (TokenmillError, ValueError) as exc:  # config, input and plugin errors: one clear line
         print(f"tokenmill: error: {exc}", file=sys.stderr)
         return 2
 

@@ -38,6 +38,9 @@ class ModelConfig(_Section):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_model_len: int | None = Field(default=None, ge=1)
     load_format: Literal["auto", "safetensors", "gguf", "dummy"] = "auto"
+    # "raw": logprobs from the logits before any processing (V1); "processed": after
+    # penalties, bias, masks and temperature
+    logprobs_mode: Literal["raw", "processed"] = "raw"
 
     @field_validator("dtype", mode="before")
     @classmethod

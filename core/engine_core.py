@@ -1,0 +1,112 @@
+"""EngineCore: the model, its KV cache, the scheduler and the runner; ``step()`` is
+schedule -> execute -> update."""
+from __future__ import annotations
+
+import torch
+
+from .config import EngineConfig
+from .errors import ConfigError
+from .loader import (load_hf_config, load_model, load_tokenizer, resolve_dtype, resolve_max_model_len,
+                     resolve_model_class, resolve_model_source)
+from .model_runner import ModelRunner
+from .registry import Registry, get_registry
+from .request import Request, RequestStatus
+from .scheduler import Scheduler
+from .step import EngineCoreOutput
+
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device!r} was asked for but no CUDA device is available")
+    return torch.device(device)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, registry: Registry | None = None) -> None:
+        self.config = config
+        registry = registry or (get_registry() if config.plugin_errors == "raise"
+                                else Registry(on_plugin_error="warn"))
+        self.registry = registry
+        self.device = resolve_device(config.device)
+        source = resolve_model_source(config.model.model, config.model.load_format)
+        self.hf_config = load_hf_config(source)
+        self.tokenizer = load_tokenizer(source, config.model.tokenizer)
+        model_cls = resolve_model_class(registry, self.hf_config)
+        self.dtype = resolve_dtype(config.model.dtype, self.hf_config, self.device)
+        self.max_model_len = resolve_max_model_len(config.model.max_model_len, self.hf_config)
+        sched = config.scheduler
+        if not sched.enable_chunked_prefill and sched.max_num_batched_tokens < self.max_model_len:
+            raise ConfigError(f"max_num_batched_tokens ({sched.max_num_batched_tokens}) must be >= max_model_len "
+                              f"({self.max_model_len}) when enable_chunked_prefill is False")
+
+        backend_name = config.attention_backend or self._default_backend()
+        backend_cls = registry.get("attention_backend", backend_name)
+        spec = model_cls.kv_cache_spec(self.hf_config)
+        attention = backend_cls(num_heads=self.hf_config.num_attention_heads, num_kv_heads=spec.num_kv_heads,
+                                head_size=spec.head_size, dtype=self.dtype, device=self.device)
+        self.model = load_model(self.hf_config, model_cls, attention, source=source, dtype=self.dtype,
+                                device=self.device, seed=config.seed)
+        block_size = config.cache.block_size
+        problem = backend_cls.unsupported_reason(block_size=block_size)
+        if problem:
+            raise ConfigError(f"block_size: attention backend '{backend_name}' {problem}")
+        shape = backend_cls.kv_cache_shape(1, block_size, spec.num_kv_heads, spec.head_size)
+        bytes_per_block = spec.num_layers * torch.Size(shape).numel() * self.dtype.itemsize
+        self.num_blocks = self._num_blocks(bytes_per_block)
+        self.kv_caches = [torch.zeros(backend_cls.kv_cache_shape(self.num_blocks, block_size, spec.num_kv_heads,
+                                                                 spec.head_size), dtype=self.dtype, device=self.device)
+                          for _ in range(spec.num_layers)]
+        self.model.bind_kv_caches(self.kv_caches)
+        self.eos_token_id = self.tokenizer.eos_token_id
+        self.vocab_size = self.hf_config.vocab_size
+        self.scheduler = Scheduler(sched, config.cache, num_blocks=self.num_blocks, max_model_len=self.max_model_len)
+        self.runner = ModelRunner(self.model, vocab_size=self.vocab_size, block_size=block_size,
+                                  max_num_reqs=sched.max_num_seqs, max_model_len=self.max_model_len,
+                                  device=self.device, logprobs_mode=config.model.logprobs_mode,
+                                  eos_token_id=self.eos_token_id)
+
+    def _default_backend(self) -> str:
+        if self.device.type == "cuda" and "triton" in self.registry.available("attention_backend"):
+            return "triton"
+        return "torch"
+
+    def _num_blocks(self, bytes_per_block: int) -> int:
+        cache = self.config.cache
+        block_size = cache.block_size
+        needed = (self.max_model_len + block_size - 1) // block_size + 1  # + the reserved null block
+        if cache.num_gpu_blocks_override is not None:
+            num_blocks = cache.num_gpu_blocks_override
+        else:
+            budget = cache.kv_cache_memory_bytes
+            if budget is None and self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * cache.gpu_memory_utilization)
+            num_blocks = (budget or DEFAULT_CPU_KV_CACHE_BYTES) // bytes_per_block
+        if num_blocks < needed:
+            raise ConfigError(f"the KV cache has {num_blocks} blocks of {block_size} tokens; one request of "
+                              f"max_model_len={self.max_model_len} needs {needed}: raise the cache size or lower "
+                              "max_model_len")
+        return num_blocks
+
+    # ------------------------------------------------------------ requests
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: list[str]) -> list[str]:
+        return self.scheduler.abort_requests(request_ids)
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
+        self.scheduler.finish_requests(request_ids, status)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[EngineCoreOutput]:
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.runner.execute(scheduler_output)
+        return self.scheduler.update_from_output(scheduler_output, runner_output)

@@ -1,0 +1,91 @@
+"""InputProcessor: prompts and sampling parameters in, validated Requests out.
+
+Everything a user can get wrong is checked here, before the request reaches
+the scheduler, with a ValueError naming the field: a bad request never
+disturbs the ones already running.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
+
+from .request import Request
+from .sampling_params import SamplingParams, validate_prompt_token_ids
+
+# A prompt: text, token ids, {"prompt": text} or {"prompt_token_ids": [...]}
+PromptType = Union[str, Sequence[int], Mapping[str, Any]]
+
+
+class InputProcessor:
+    def __init__(self, tokenizer: Any, *, vocab_size: int, max_model_len: int, eos_token_id: int | None) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.eos_token_id = eos_token_id
+
+    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """(prompt text or None, prompt token ids)."""
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, Mapping):
+            unknown = set(prompt) - {"prompt", "prompt_token_ids", "cache_salt"}
+            if unknown:
+                raise ValueError(f"prompt dict has unknown keys {sorted(unknown)}; use 'prompt' or "
+                                 "'prompt_token_ids'")
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), self._token_ids(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return self.tokenize(prompt["prompt"])
+            raise ValueError("prompt dict must have 'prompt' or 'prompt_token_ids'")
+        return None, self._token_ids(prompt)
+
+    @staticmethod
+    def _token_ids(ids: Any) -> list[int]:
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+            raise ValueError(f"prompt_token_ids must be a list of ints, got {type(ids).__name__}")
+        for i, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise ValueError(f"prompt_token_ids[{i}] must be an int, got {t!r}")
+        return list(ids)
+
+    def process(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                arrival_time: float | None = None) -> tuple[str | None, list[Request]]:
+        """Validate and build the engine requests: one, or ``n`` children for n > 1."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        text, token_ids = self.tokenize(prompt)
+        validate_prompt_token_ids(token_ids, self.vocab_size, self.max_model_len)
+        params.validate_for_vocab(self.vocab_size)
+        cache_salt = prompt.get("cache_salt") if isinstance(prompt, Mapping) else None
+        room = self.max_model_len - len(token_ids)
+        params = dataclasses.replace(
+            params, max_tokens=room if params.max_tokens is None else params.max_tokens,
+            bad_words_token_ids=self._bad_words(params.bad_words))
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        if params.n == 1:
+            children = [(request_id, params)]
+        else:  # seeded children get distinct, reproducible streams
+            children = [(child_request_id(request_id, i),
+                         dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i))
+                        for i in range(params.n)]
+        return text, [Request(request_id=rid, prompt_token_ids=token_ids, sampling_params=p,
+                              eos_token_id=self.eos_token_id, arrival_time=arrival, cache_salt=cache_salt)
+                      for rid, p in children]
+
+    def _bad_words(self, words: list[str] | None) -> list[list[int]] | None:
+        """Each bad word as token sequences, with and without a leading space."""
+        if not words:
+            return None
+        sequences: list[list[int]] = []
+        for word in words:
+            for text in (word, " " + word.lstrip()):
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in sequences:
+                    sequences.append(ids)
+        return sequences
+
+
+def child_request_id(parent_id: str, index: int) -> str:
+    return f"{index}_{parent_id}"

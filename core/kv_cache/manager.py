@@ -1,0 +1,121 @@
+"""Per-request block tables over the block pool, with prefix caching.
+
+A request's block table covers its computed tokens plus the ones scheduled
+this step (spec tokens included):
+
+    block_size 4, 10 known tokens, 2 spec tokens scheduled
+    tokens  [t0 t1 t2 t3][t4 t5 t6 t7][t8 t9 s0 s1]
+    table    b5           b2           b9
+             cached       cached       partial: never cached
+
+Only blocks fully covered by known tokens (never spec tokens, which may be
+rejected) are hashed and cached. Hashes live in ``Request.block_hashes`` and
+survive preemption, so a resumed request finds its own blocks if they were not
+evicted meanwhile.
+"""
+from __future__ import annotations
+
+from ..request import Request
+from .block_pool import BlockPool, KVCacheBlock
+from .hashing import update_block_hashes
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool, max_model_len: int) -> None:
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.max_model_len = max_model_len
+        self.block_pool = BlockPool(num_blocks)
+        self._req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        self._num_cached_blocks: dict[str, int] = {}  # leading blocks already offered to the cache
+        self.prefix_cache_queries = 0  # tokens looked up, counted at admission
+        self.prefix_cache_hits = 0  # of those, tokens found cached
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_pool.num_free_blocks
+
+    @property
+    def num_usable_blocks(self) -> int:
+        return self.block_pool.num_usable_blocks
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+    def usage(self) -> float:
+        return self.block_pool.usage()
+
+    def get_block_ids(self, request_id: str) -> list[int]:
+        return [block.block_id for block in self._req_to_blocks.get(request_id, ())]
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
+        """The longest run of cached full blocks at the start of the request's tokens,
+        and the number of tokens they hold. The last token is never a hit (its logits
+        must be computed), so at most ``(num_tokens - 1) // block_size`` blocks hit.
+        Nothing is touched: ``allocate_slots`` takes the references."""
+        if not self._reads_cache(request):
+            return [], 0
+        update_block_hashes(request, self.block_size)
+        max_hit_blocks = (request.num_tokens - 1) // self.block_size
+        hits: list[KVCacheBlock] = []
+        for block_hash in request.block_hashes[:max_hit_blocks]:
+            block = self.block_pool.get_cached_block(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        return hits, len(hits) * self.block_size
+
+    def allocate_slots(self, request: Request, num_new_tokens: int, num_new_computed_tokens: int = 0,
+                       new_computed_blocks: list[KVCacheBlock] | None = None) -> list[KVCacheBlock] | None:
+        """Make room for ``num_new_tokens`` more tokens (spec tokens included) after
+        the request's computed ones and its ``new_computed_blocks`` (prefix-cache hits
+        from ``get_computed_blocks``, passed at admission). Returns the newly allocated
+        blocks (possibly none), or None if too few blocks are free; then nothing changes."""
+        if num_new_tokens < 1:
+            raise ValueError(f"num_new_tokens must be >= 1, got {num_new_tokens}")
+        new_computed_blocks = new_computed_blocks or []
+        req_blocks = self._req_to_blocks.get(request.request_id, [])
+        num_computed_tokens = request.num_computed_tokens + num_new_computed_tokens
+        num_slots = min(num_computed_tokens + num_new_tokens, self.max_model_len)
+        num_new_blocks = -(-num_slots // self.block_size) - len(req_blocks) - len(new_computed_blocks)
+        # hits on free blocks leave the free queue when touched, so they compete for it
+        num_revived = sum(1 for block in new_computed_blocks if block.ref_cnt == 0) if new_computed_blocks else 0
+        if num_new_blocks > self.block_pool.num_free_blocks - num_revived:
+            return None
+
+        if not req_blocks:
+            self._req_to_blocks[request.request_id] = req_blocks
+            self._num_cached_blocks[request.request_id] = len(new_computed_blocks)
+            if self._reads_cache(request):
+                self.prefix_cache_queries += request.num_tokens
+                self.prefix_cache_hits += num_new_computed_tokens
+        if new_computed_blocks:
+            self.block_pool.touch(new_computed_blocks)
+            req_blocks.extend(new_computed_blocks)
+        new_blocks = self.block_pool.get_new_blocks(num_new_blocks) if num_new_blocks > 0 else []
+        req_blocks.extend(new_blocks)
+        if self.enable_caching:
+            self._cache_full_blocks(request, min(num_computed_tokens + num_new_tokens, request.num_tokens))
+        return new_blocks
+
+    def free(self, request: Request) -> None:
+        """Release the request's blocks, last block first, so its tail is evicted first."""
+        blocks = self._req_to_blocks.pop(request.request_id, [])
+        self._num_cached_blocks.pop(request.request_id, None)
+        self.block_pool.free_blocks(reversed(blocks))
+
+    def _reads_cache(self, request: Request) -> bool:
+        # prompt logprobs need every prompt position's logits, so such a request computes them all
+        return self.enable_caching and request.sampling_params.prompt_logprobs is None
+
+    def _cache_full_blocks(self, request: Request, num_known_tokens: int) -> None:
+        num_full_blocks = num_known_tokens // self.block_size
+        num_cached = self._num_cached_blocks[request.request_id]
+        if num_full_blocks <= num_cached:
+            return
+        update_block_hashes(request, self.block_size)
+        blocks = self._req_to_blocks[request.request_id]
+        for index in range(num_cached, num_full_blocks):
+            self.block_pool.cache_block(blocks[index], request.block_hashes[index])
+        self._num_cached_blocks[request.request_id] = num_full_blocks

@@ -1,0 +1,151 @@
+"""LLM: the offline API, a drop-in for vLLM's on the supported subset.
+
+    llm = LLM()                                   # the default SmolLM2-135M-Instruct
+    outputs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+    print(outputs[0].outputs[0].text)
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .config import EngineConfig
+from .input_processor import PromptType
+from .llm_engine import LLMEngine
+from .output_processor import OutputKind
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+Conversation = list[dict[str, Any]]
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **engine_options: Any) -> None:
+        if model is not None:
+            engine_options["model"] = model
+        self._init(EngineConfig.build(**engine_options))
+
+    @classmethod
+    def from_config(cls, config: EngineConfig | Mapping[str, Any] | str | Path, **overrides: Any) -> LLM:
+        """Build from an EngineConfig, a dict, or a JSON/TOML file (keyword overrides win)."""
+        if isinstance(config, EngineConfig):
+            config = config.model_dump(exclude_none=True)
+        llm = cls.__new__(cls)
+        llm._init(EngineConfig.build(config, **overrides))
+        return llm
+
+    def _init(self, config: EngineConfig) -> None:
+        self.config = config
+        self.engine = LLMEngine(config)
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def get_stats(self) -> dict[str, Any]:
+        return self.engine.get_stats()
+
+    # ------------------------------------------------------------ generation
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt; outputs in prompt order."""
+        prompts = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(prompts))
+        request_ids = self._add_all(prompts, params)
+        return self._run(request_ids, use_tqdm)
+
+    def chat(self, messages: Conversation | Sequence[Conversation],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *, use_tqdm: bool = True,
+             add_generation_prompt: bool = True, chat_template: str | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """Generate a reply to each conversation, formatted with the model's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
+        prompts = [{"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt, chat_template,
+                                                                 chat_template_kwargs)} for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def apply_chat_template(self, conversation: Conversation, add_generation_prompt: bool = True,
+                            chat_template: str | None = None,
+                            chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        if chat_template is None and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template; pass chat_template=")
+        ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                            chat_template=chat_template, tokenize=True,
+                                            **(chat_template_kwargs or {}))
+        if isinstance(ids, Mapping) or hasattr(ids, "input_ids"):  # BatchEncoding in newer transformers
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Incremental outputs (only the new text and tokens each time) until the request ends.
+        Closing the iterator early aborts the request."""
+        request_id = self.engine.next_request_id()
+        self.engine.add_request(request_id, prompt, sampling_params or SamplingParams(), OutputKind.DELTA)
+        finished = False
+        try:
+            while not finished:
+                for output in self.engine.step():
+                    if output.request_id == request_id:
+                        finished = output.finished
+                        yield output
+        finally:
+            if not finished:
+                self.engine.abort_request([request_id])
+
+    def abort(self, request_ids: str | Sequence[str]) -> None:
+        self.engine.abort_request([request_ids] if isinstance(request_ids, str) else list(request_ids))
+
+    def _add_all(self, prompts: list[PromptType], params: list[SamplingParams]) -> list[str]:
+        added: list[str] = []
+        try:
+            for prompt, p in zip(prompts, params):
+                request_id = self.engine.next_request_id()
+                self.engine.add_request(request_id, prompt, p, OutputKind.FINAL_ONLY)
+                added.append(request_id)
+        except Exception:
+            self.engine.abort_request(added)  # all or nothing: the engine stays clean
+            raise
+        return added
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        pending = set(request_ids)
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm or len(request_ids) < 2)
+        try:
+            while pending:
+                for output in self.engine.step():
+                    if output.finished and output.request_id in pending:
+                        results[output.request_id] = output
+                        pending.discard(output.request_id)
+                        bar.update(1)
+        except BaseException:
+            self.engine.abort_request(list(pending))
+            raise
+        finally:
+            bar.close()
+        return [results[r] for r in request_ids]
+
+
+def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+    if isinstance(prompts, (str, Mapping)):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+        return [prompts]  # one prompt given as token ids
+    return prompts
+
+
+def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams() for _ in range(n)]
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"sampling_params has {len(params)} entries for {n} prompts; give one or one per prompt")
+    return params

@@ -1,0 +1,61 @@
+"""LLMEngine: input processing, the engine core and output processing, in one process."""
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from .config import EngineConfig
+from .engine_core import EngineCore
+from .input_processor import InputProcessor, PromptType
+from .output_processor import OutputKind, OutputProcessor
+from .outputs import RequestOutput
+from .registry import Registry
+from .request import RequestStatus
+from .sampling_params import SamplingParams
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, registry: Registry | None = None) -> None:
+        self.config = config
+        self.core = EngineCore(config, registry)
+        self.tokenizer = self.core.tokenizer
+        self.input_processor = InputProcessor(self.tokenizer, vocab_size=self.core.vocab_size,
+                                              max_model_len=self.core.max_model_len,
+                                              eos_token_id=self.core.eos_token_id)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+
+    def next_request_id(self) -> str:
+        return str(next(self._ids))
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                    kind: OutputKind = OutputKind.CUMULATIVE) -> None:
+        """Validate and queue; raises ValueError (naming the field) and queues nothing on bad input."""
+        if self.output_processor.has_request(request_id):
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, requests = self.input_processor.process(request_id, prompt, params)
+        self.output_processor.add_request(request_id, text, requests, kind)
+        for request in requests:
+            self.core.add_request(request)
+
+    def abort_request(self, request_ids: list[str]) -> list[RequestOutput]:
+        """Abort requests in any state; returns their final outputs (finish reason "abort")."""
+        finals = []
+        for request_id in request_ids:
+            self.core.abort_requests(self.output_processor.child_ids(request_id))
+            final = self.output_processor.abort(request_id)
+            if final is not None:
+                finals.append(final)
+        return finals
+
+    def has_unfinished_requests(self) -> bool:
+        return self.output_processor.num_unfinished() > 0 or self.core.has_unfinished_requests()
+
+    def step(self) -> list[RequestOutput]:
+        outputs, to_stop = self.output_processor.process(self.core.step())
+        if to_stop:  # stop strings found by the detokenizer end the requests in the core
+            self.core.finish_requests(to_stop, RequestStatus.FINISHED_STOPPED)
+        return outputs
+
+    def get_stats(self) -> dict[str, Any]:
+        return self.core.scheduler.stats()

@@ -1,0 +1,270 @@
+"""The scheduler: one token budget per step, no prefill or decode phase.
+
+Each request has ``num_tokens`` (prompt + output) and ``num_computed_tokens``;
+a step closes part of each gap, spec tokens included, within
+``max_num_batched_tokens`` and ``max_num_seqs``:
+
+    running (admission order)      waiting (FCFS; preempted ones at the front)
+    [r0 r1 r2]  first, each its     [w0 w1 ...]  then, while budget, seats and
+    whole gap, trimmed to the       blocks last; a long prompt is chunked to the
+    budget                          remaining budget (if chunked prefill is on)
+
+When blocks run out for a running request, the most recently admitted running
+request is preempted by recompute (blocks freed, ``num_computed_tokens = 0``,
+front of the waiting queue) and allocation retried; no waiting request is
+admitted in a step that preempted.
+
+``num_computed_tokens`` advances when a request is scheduled; ``update_from_output``
+rolls back rejected spec tokens and appends the sampled tokens one by one,
+checking stop conditions after each.
+
+Sequence length: a request never needs more than ``max_model_len - 1`` KV slots
+(its last token is sampled, never computed), so ``max_model_len`` is capped at
+the cache's capacity + 1. A request whose prompt reaches that limit can never
+run: ``add_request`` finishes it as FINISHED_IGNORED (finish reason "length")
+and the next ``update_from_output`` reports it; until then it counts as
+unfinished, so an engine that steps while ``has_unfinished_requests()`` delivers
+it. The engine calls ``update_from_output`` after every ``schedule``, even an
+empty one.
+"""
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+from .config import CacheConfig, SchedulerConfig
+from .kv_cache import KVCacheBlock, KVCacheManager
+from .request import Request, RequestStatus
+from .step import CachedRequestData, EngineCoreOutput, Logprobs, ModelRunnerOutput, NewRequestData, SchedulerOutput
+from .stop_checker import check_stop
+
+_ADMISSIBLE = (RequestStatus.WAITING, RequestStatus.WAITING_FOR_GRAMMAR)
+
+
+class Scheduler:
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, *, num_blocks: int,
+                 max_model_len: int) -> None:
+        self.max_num_seqs = scheduler_config.max_num_seqs
+        self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
+        self.enable_chunked_prefill = scheduler_config.enable_chunked_prefill
+        capacity = (num_blocks - 1) * cache_config.block_size  # block 0 is the null block
+        self.max_model_len = min(max_model_len, capacity + 1)
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"max_num_batched_tokens must be >= {self.max_model_len} (max_model_len, capped by "
+                             "the KV cache) when enable_chunked_prefill is False, or a long prompt could never "
+                             f"be scheduled; got {self.max_num_batched_tokens}")
+        self.kv_cache_manager = KVCacheManager(num_blocks, cache_config.block_size,
+                                               cache_config.enable_prefix_caching, self.max_model_len)
+        self.requests: dict[str, Request] = {}  # every request not yet reported finished
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._finished_req_ids: set[str] = set()  # since the last schedule()
+        self._ignored: list[Request] = []  # FINISHED_IGNORED, reported by the next update
+        self.num_preemptions = 0
+        self.spec_num_draft_tokens = 0
+        self.spec_num_accepted_tokens = 0
+
+    # ---- requests in and out ----
+
+    def add_request(self, request: Request) -> None:
+        """Queue a WAITING request (or a WAITING_FOR_GRAMMAR one, which stays queued
+        but is passed over until someone sets it WAITING)."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in the scheduler")
+        if request.status not in _ADMISSIBLE:
+            raise ValueError(f"a new request must be WAITING or WAITING_FOR_GRAMMAR, got {request.status.name}")
+        self.requests[request.request_id] = request
+        if request.num_tokens >= self.max_model_len:
+            request.status = RequestStatus.FINISHED_IGNORED
+            self._ignored.append(request)
+        else:
+            self.waiting.append(request)
+
+    def abort_requests(self, request_ids: str | Iterable[str]) -> list[str]:
+        return self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def finish_requests(self, request_ids: str | Iterable[str], finished_status: RequestStatus) -> list[str]:
+        """End requests in any unfinished state (for reasons the engine detects, such
+        as stop strings, or aborts); returns the ids actually ended. Finished and
+        unknown ids are ignored. The runner learns through the next ``finished_req_ids``."""
+        if not finished_status.is_finished:
+            raise ValueError(f"finished_status must be a FINISHED_* status, got {finished_status.name}")
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        ended = [self.requests[i] for i in dict.fromkeys(ids)
+                 if i in self.requests and not self.requests[i].is_finished]
+        ended_ids = {request.request_id for request in ended}
+        if any(request.status == RequestStatus.RUNNING for request in ended):
+            self.running = [r for r in self.running if r.request_id not in ended_ids]
+        if any(request.status != RequestStatus.RUNNING for request in ended):
+            self.waiting = deque(r for r in self.waiting if r.request_id not in ended_ids)
+        for request in ended:
+            request.status = finished_status
+            self._free(request)
+        return [request.request_id for request in ended]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    def stats(self) -> dict[str, int | float]:
+        kv = self.kv_cache_manager
+        return {
+            "num_running": len(self.running), "num_waiting": len(self.waiting),
+            "num_preemptions": self.num_preemptions,
+            "prefix_cache_queries": kv.prefix_cache_queries, "prefix_cache_hits": kv.prefix_cache_hits,
+            "num_free_blocks": kv.num_free_blocks, "num_total_blocks": kv.num_usable_blocks,
+            "kv_cache_usage": kv.usage(),
+            "spec_num_draft_tokens": self.spec_num_draft_tokens,
+            "spec_num_accepted_tokens": self.spec_num_accepted_tokens,
+        }
+
+    # ---- one step ----
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's tokens: running requests first, then waiting ones (FCFS),
+        advancing each scheduled request's ``num_computed_tokens``."""
+        out = SchedulerOutput([], [], {}, 0, finished_req_ids=self._finished_req_ids)
+        self._finished_req_ids = set()
+        budget = self.max_num_batched_tokens
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens_with_spec - request.num_computed_tokens, budget,
+                          self.max_model_len - 1 - request.num_computed_tokens)
+            new_blocks = self._allocate_or_preempt(request, num_new, out.preempted_req_ids)
+            if new_blocks is None:
+                break
+            out.scheduled_cached_reqs.append(CachedRequestData(
+                request.request_id, [block.block_id for block in new_blocks], request.num_computed_tokens))
+            budget -= self._take(request, num_new, out)
+            index += 1
+        if not out.preempted_req_ids:
+            self._admit_waiting(budget, out)
+        out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
+        return out
+
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """Apply one step's results; one output per request that got tokens, prompt
+        logprobs or finished (ignored requests included)."""
+        outputs = [EngineCoreOutput(r.request_id, [], finish_reason=r.status.finish_reason) for r in self._ignored]
+        for request in self._ignored:
+            del self.requests[request.request_id]
+        self._ignored = []
+        finished_ids: set[str] = set()
+        for req_id, sampled in zip(runner_output.req_ids, runner_output.sampled_token_ids):
+            request = self.requests.get(req_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # ended since it was scheduled
+            new_token_ids: list[int] = []
+            if sampled:
+                scheduled_spec = scheduler_output.scheduled_spec_decode_tokens.get(req_id, [])
+                if len(sampled) > len(scheduled_spec) + 1:
+                    raise ValueError(f"request {req_id!r}: the runner sampled {len(sampled)} tokens, at most "
+                                     f"{len(scheduled_spec) + 1} (the scheduled drafts + 1) are possible")
+                self._roll_back_rejected(request, scheduled_spec, sampled)
+                new_token_ids = self._append_until_stop(request, sampled)
+            if request.is_finished:
+                finished_ids.add(req_id)
+                self._free(request)
+            else:
+                request.spec_token_ids = list(runner_output.draft_token_ids.get(req_id, ()))
+            prompt_logprobs = runner_output.prompt_logprobs.get(req_id)
+            if new_token_ids or prompt_logprobs is not None or request.is_finished:
+                outputs.append(EngineCoreOutput(
+                    req_id, new_token_ids, _first_rows(runner_output.logprobs.get(req_id), len(new_token_ids)),
+                    prompt_logprobs, request.status.finish_reason, request.stop_reason,
+                    max(request.num_cached_tokens, 0)))
+        if finished_ids:
+            self.running = [r for r in self.running if r.request_id not in finished_ids]
+        return outputs
+
+    # ---- internals ----
+
+    def _allocate_or_preempt(self, request: Request, num_new: int, preempted: set[str]) -> list[KVCacheBlock] | None:
+        """Blocks for a running request, preempting from the back of the running list
+        until they fit; None if the request itself had to go."""
+        while (new_blocks := self.kv_cache_manager.allocate_slots(request, num_new)) is None:
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.add(victim.request_id)
+            if victim is request:
+                return None
+        return new_blocks
+
+    def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
+        passed_over: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            if request.status == RequestStatus.WAITING_FOR_GRAMMAR:
+                passed_over.append(self.waiting.popleft())
+                continue
+            hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
+            num_new = request.num_tokens - num_hit_tokens
+            if num_new > budget and not self.enable_chunked_prefill:
+                break
+            num_new = min(num_new, budget)
+            if self.kv_cache_manager.allocate_slots(request, num_new, num_hit_tokens, hits) is None:
+                break
+            self.waiting.popleft()
+            self.running.append(request)
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_hit_tokens
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit_tokens
+            out.scheduled_new_reqs.append(NewRequestData(
+                request.request_id, request.prompt_token_ids, list(request.output_token_ids),
+                request.sampling_params, self.kv_cache_manager.get_block_ids(request.request_id), num_hit_tokens))
+            budget -= self._take(request, num_new, out)
+        self.waiting.extendleft(reversed(passed_over))
+
+    def _take(self, request: Request, num_new: int, out: SchedulerOutput) -> int:
+        """Record ``num_new`` scheduled tokens; spec tokens beyond them are dropped."""
+        num_spec = request.num_computed_tokens + num_new - request.num_tokens
+        if num_spec > 0:
+            request.spec_token_ids = request.spec_token_ids[:num_spec]
+            out.scheduled_spec_decode_tokens[request.request_id] = request.spec_token_ids
+        elif request.spec_token_ids:
+            request.spec_token_ids = []
+        out.num_scheduled_tokens[request.request_id] = num_new
+        request.num_computed_tokens += num_new
+        return num_new
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.spec_token_ids = []
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _roll_back_rejected(self, request: Request, scheduled_spec: list[int], sampled: list[int]) -> None:
+        """``sampled`` is the accepted drafts plus one bonus/corrected token; the
+        rejected drafts' K/V are stale, so they count as uncomputed again."""
+        if not scheduled_spec:
+            return
+        num_accepted = len(sampled) - 1
+        request.num_computed_tokens -= len(scheduled_spec) - num_accepted
+        self.spec_num_draft_tokens += len(scheduled_spec)
+        self.spec_num_accepted_tokens += num_accepted
+
+    def _append_until_stop(self, request: Request, sampled: list[int]) -> list[int]:
+        for count, token_id in enumerate(sampled, 1):
+            request.append_output_token_ids([token_id])
+            if check_stop(request, self.max_model_len):
+                return sampled[:count]
+        return sampled
+
+    def _free(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        del self.requests[request.request_id]
+        self._finished_req_ids.add(request.request_id)
+
+
+def _first_rows(logprobs: Logprobs | None, num_rows: int) -> Logprobs | None:
+    if logprobs is None or len(logprobs.ranks) == num_rows:
+        return logprobs
+    return Logprobs(logprobs.token_ids[:num_rows], logprobs.logprobs[:num_rows], logprobs.ranks[:num_rows])
