@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	$(VENV)/bin/tokenmill features
+	$(VENV)/bin/tokenmill generate "What is the capital of France?" --max-model-len 2048
 
 test: setup
 	$(PY) -m pytest -q tests

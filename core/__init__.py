@@ -15,14 +15,31 @@ from .errors import (ConfigError, PluginLoadError, RefusedComponentError, Regist
                      UnknownComponentError)
 from .hookspecs import hookimpl, hookspec
 from .model_base import KVCacheSpec, Model
+from .outputs import CompletionOutput, Logprob, RequestOutput
 from .registry import ComponentRecord, Provider, Registry, get_registry
+from .request import Request, RequestStatus
+from .sampling_params import SamplingParams
 from .structured import Grammar, GuidedDecoder, StructuredOutputsParams, UnsupportedStructuredOutput
 
 __all__ = [
-    "AttentionBackend", "AttentionMetadata", "CacheConfig", "Component", "ComponentRecord", "ConfigError",
+    "LLM", "LLMEngine", "CompletionOutput", "Logprob", "RequestOutput", "Request", "RequestStatus",
+    "SamplingParams", "AttentionBackend", "AttentionMetadata", "CacheConfig", "Component", "ComponentRecord", "ConfigError",
     "Drafter", "EngineConfig", "Grammar", "GuidedDecoder", "KINDS", "KVCacheSpec", "Model", "ModelConfig",
     "PluginLoadError", "Provider", "RefusedComponentError", "Registry", "RegistrationError",
     "SchedulerConfig", "SpeculativeConfig", "StructuredOutputsConfig", "StructuredOutputsParams",
     "SupportsV0Only", "TokenmillError", "UnknownComponentError", "UnsupportedStructuredOutput",
     "__version__", "get_registry", "hookimpl", "hookspec",
 ]
+
+
+def __getattr__(name: str):
+    # The engine pulls in transformers; load it on first use so `tokenmill features` stays quick.
+    if name == "LLM":
+        from .llm import LLM
+
+        return LLM
+    if name == "LLMEngine":
+        from .llm_engine import LLMEngine
+
+        return LLMEngine
+    raise AttributeError(f"module 'tokenmill' has no attribute {name!r}")

@@ -19,11 +19,18 @@ if TYPE_CHECKING:
 # Engine-level V1 features that no component provides: (feature, status, detail).
 # Each row states what the engine in this tree does today.
 ENGINE_FEATURES: tuple[tuple[str, str, str], ...] = (
-    ("logprobs", "not_implemented", "sample logprobs from raw logits (V1 semantics): the sampler is not built yet"),
-    ("prompt_logprobs", "not_implemented", "prompt logprobs: the sampler is not built yet"),
-    ("prefix_caching", "not_implemented", "paged KV cache with prefix caching: the KV cache manager is not built yet"),
-    ("chunked_prefill", "not_implemented", "the scheduler is not built yet"),
+    ("logprobs", "supported", "sample logprobs (top-k + the sampled token) from the raw logits by default "
+                              "(V1); logprobs_mode='processed' for after penalties and temperature"),
+    ("prompt_logprobs", "supported", "from the raw logits; a request asking for them skips prefix-cache reads"),
+    ("prefix_caching", "supported", "sha256-chained block hashes, LRU eviction, per-request cache_salt"),
+    ("chunked_prefill", "supported", "one token budget per step, no prefill/decode phases"),
+    ("preemption", "supported", "by recompute (V1); KV cache swapping is deprecated"),
 )
+# Registered components whose engine integration is not built yet: kind -> detail.
+NOT_WIRED = {
+    DRAFTER: "the engine does not run speculative decoding yet; speculative_config is rejected",
+    GUIDED_DECODER: "the engine does not apply grammars yet; structured_outputs requests are rejected",
+}
 
 
 def component_row(record: ComponentRecord) -> dict[str, Any]:
@@ -49,14 +56,22 @@ def feature_matrix(registry: Registry) -> dict[str, Any]:
     guided = available[GUIDED_DECODER]
     structured = [f"{STRUCTURED_BACKEND} (modes: {', '.join(cls.capabilities().get('modes', []))})"
                   for name, cls in guided.items() if f"{name}:no_fallback" == STRUCTURED_BACKEND]
+    reasons: dict[str, list[str]] = {}
+    for r in refused_models:
+        reasons.setdefault(r.reason, []).append(r.name)
+    spec = _listing("spec_decode_methods", sorted(available[DRAFTER]), "no drafter registered")
+    guided_row = _listing("structured_output_backends", structured,
+                          f"{STRUCTURED_BACKEND} needs the 'xgrammar' guided decoder, which is not registered")
+    for row, kind in ((spec, DRAFTER), (guided_row, GUIDED_DECODER)):
+        if row["status"] == "supported" and kind in NOT_WIRED:
+            row.update(status="not_implemented", detail=f"registered: {row['detail']}; {NOT_WIRED[kind]}")
     features = [
         _listing("attention_backends", sorted(available[ATTENTION_BACKEND]), "no attention backend registered"),
         _listing("model_architectures", sorted(available[MODEL]), "no model class registered"),
         {"feature": "unsupported_model_kinds", "status": "refused" if refused_models else "none",
-         "detail": "; ".join(f"{r.name}: {r.reason}" for r in refused_models)},
-        _listing("spec_decode_methods", sorted(available[DRAFTER]), "no drafter registered"),
-        _listing("structured_output_backends", structured,
-                 f"{STRUCTURED_BACKEND} needs the 'xgrammar' guided decoder, which is not registered"),
+         "detail": "; ".join(f"{', '.join(names)}: {reason}" for reason, names in reasons.items())},
+        spec,
+        guided_row,
         *({"feature": f, "status": s, "detail": d} for f, s, d in ENGINE_FEATURES),
         {"feature": "deprecated_options", "status": "deprecated",
          "detail": "rejected with an error: " + ", ".join(sorted(_DEPRECATED))},

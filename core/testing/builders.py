@@ -53,3 +53,18 @@ def shuffled_block_tables(seq_lens: Sequence[int], block_size: int, num_blocks: 
         tables.append(pool[start:start + n])
         start += n
     return tables
+
+
+def make_byte_level_tokenizer(corpus: Sequence[str] = ("yes no maybe {\"a\": 1} [1, 2] hello world",),
+                              vocab_size: int = 320):
+    """A small GPT-2-style byte-level BPE (every byte is a token) with ``<eos>`` = id 0."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(list(corpus) * 10, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")

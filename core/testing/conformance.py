@@ -127,6 +127,62 @@ def drafter_accepts_numpy(cls) -> None:
     assert list(_drafter(cls).propose([], [])) == [], f"{cls.name} must return [] for an empty batch"
 
 
+# ---------------------------------------------------------------- guided decoders
+
+
+def _guided(cls, padding: int = 7):
+    from .builders import make_byte_level_tokenizer
+
+    tokenizer = make_byte_level_tokenizer()
+    # the model's vocabulary is often wider than the tokenizer's: padding ids must never be allowed
+    return cls(tokenizer, len(tokenizer) + padding), tokenizer
+
+
+def _allowed(grammar, vocab_size: int) -> set[int]:
+    from ..structured import allocate_token_bitmask, bitmask_to_bool
+
+    bitmask = allocate_token_bitmask(2, vocab_size)
+    grammar.fill_bitmask(bitmask, 1)
+    assert bitmask_to_bool(bitmask[:1], vocab_size).all(), "fill_bitmask wrote outside its row"
+    return set(bitmask_to_bool(bitmask[1:], vocab_size)[0].nonzero().flatten().tolist())
+
+
+def guided_choice_contract(cls) -> None:
+    """Bitmask, accept, reject, rollback and termination on a choice spec."""
+    from ..structured import StructuredOutputsParams
+
+    decoder, tokenizer = _guided(cls)
+    vocab = decoder.vocab_size
+    grammar = decoder.compile(StructuredOutputsParams(choice=["yes", "no"]))
+    start = _allowed(grammar, vocab)
+    yes, no = tokenizer.encode("yes"), tokenizer.encode("no")
+    assert {yes[0], no[0]} <= start, f"{cls.name}: first tokens of the choices are not allowed: {sorted(start)}"
+    assert all(t < len(tokenizer) for t in start), f"{cls.name} allows padding ids past the tokenizer"
+    assert tokenizer.encode("x")[0] not in start, f"{cls.name} allows a token no choice starts with"
+    assert not grammar.accept_tokens(tokenizer.encode("x")), f"{cls.name} accepted a forbidden token"
+    assert _allowed(grammar, vocab) == start, f"{cls.name}: a rejected token changed the state"
+    assert grammar.accept_tokens(yes), f"{cls.name} rejected the tokens of a choice"
+    assert not grammar.is_terminated() or tokenizer.eos_token_id is None
+    grammar.rollback(len(yes))
+    assert _allowed(grammar, vocab) == start, f"{cls.name}: rollback did not restore the start state"
+    assert grammar.accept_tokens(no) and grammar.accept_tokens([tokenizer.eos_token_id]), \
+        f"{cls.name}: a complete choice followed by EOS was not accepted"
+    assert grammar.is_terminated(), f"{cls.name}: not terminated after a complete choice and EOS"
+
+
+def guided_rejects_what_it_cannot_honour(cls) -> None:
+    from ..structured import StructuredOutputsParams, UnsupportedStructuredOutput
+
+    decoder, _ = _guided(cls)
+    for spec in (dict(regex="(unclosed"), dict(json="{not json"), dict(grammar="root ::= (")):
+        try:
+            decoder.compile(StructuredOutputsParams(**spec))
+        except UnsupportedStructuredOutput:
+            continue
+        raise AssertionError(f"{cls.name} compiled the invalid spec {spec} instead of raising "
+                             "UnsupportedStructuredOutput")
+
+
 # ---------------------------------------------------------------- models
 
 
@@ -192,6 +248,6 @@ def model_uses_paged_cache(cls) -> None:
 CHECKS: dict[str, list[Callable]] = {
     ATTENTION_BACKEND: [attention_declares_cache_shape, attention_matches_reference],
     DRAFTER: [drafter_respects_bounds, drafter_is_deterministic, drafter_accepts_numpy],
-    GUIDED_DECODER: [],
+    GUIDED_DECODER: [guided_choice_contract, guided_rejects_what_it_cannot_honour],
     MODEL: [model_matches_transformers, model_uses_paged_cache],
 }
