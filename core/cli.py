@@ -1,8 +1,9 @@
-"""The ``tokenmill`` command line: features, generate, chat."""
+"""The ``tokenmill`` command line: features, generate, chat, serve."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -92,7 +93,24 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+def _serve(args: argparse.Namespace) -> int:
+    from .config import EngineConfig
+    from .server import serve
+
+    options = _engine_options(args)
+    if args.model_tag is not None:
+        if options.setdefault("model", args.model_tag) != args.model_tag:
+            raise ValueError(f"the model is given twice: {args.model_tag!r} and --model {options['model']!r}")
+    if args.max_num_queued_requests is not None:
+        options["max_num_queued_requests"] = args.max_num_queued_requests
+    config = EngineConfig.build(args.config, **options)
+    return serve(config, host=args.host, port=args.port, api_key=args.api_key,
+                 served_model_name=args.served_model_name, chat_template=args.chat_template,
+                 max_body_bytes=args.max_request_body_bytes, shutdown_timeout=args.shutdown_timeout,
+                 log_level=args.log_level)
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser, sampling: bool = True) -> None:
     g = parser.add_argument_group("engine options (vLLM names)")
     g.add_argument("--model", help="a model directory, a .gguf file, or the default model's name")
     g.add_argument("--config", help="engine config file (.json or .toml); flags override it")
@@ -110,6 +128,8 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--speculative-config", help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
     g.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                    help="any other engine option (value parsed as JSON when it can be)")
+    if not sampling:
+        return
     s = parser.add_argument_group("sampling")
     s.add_argument("--max-tokens", type=int, default=128)
     s.add_argument("--temperature", type=float, default=0.0)
@@ -134,6 +154,23 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="an interactive, streamed chat")
     _add_engine_arguments(chat)
     chat.set_defaults(func=_chat)
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the 'serve' extra)")
+    serve.add_argument("model_tag", nargs="?", metavar="MODEL", help="the model (as --model)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on every route but /health "
+                            "(default: $TOKENMILL_API_KEY)")
+    serve.add_argument("--served-model-name", help="the name clients use (default: the model)")
+    serve.add_argument("--chat-template", help="a Jinja chat template, or a file holding one")
+    serve.add_argument("--max-num-queued-requests", type=int,
+                       help="refuse new requests (503) once this many wait to be scheduled (default: no limit)")
+    serve.add_argument("--max-request-body-bytes", type=int, default=8 << 20)
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds in-flight requests may take to finish after SIGINT/SIGTERM")
+    serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    _add_engine_arguments(serve, sampling=False)
+    serve.set_defaults(func=_serve)
     return parser
 
 

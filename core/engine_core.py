@@ -13,6 +13,7 @@ from .registry import Registry, get_registry
 from .request import Request, RequestStatus
 from .scheduler import Scheduler
 from .step import EngineCoreOutput
+from .structured_output_manager import StructuredOutputManager
 
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 
@@ -64,10 +65,25 @@ class EngineCore:
         self.eos_token_id = self.tokenizer.eos_token_id
         self.vocab_size = self.hf_config.vocab_size
         self.scheduler = Scheduler(sched, config.cache, num_blocks=self.num_blocks, max_model_len=self.max_model_len)
+        self.drafter = None
+        if config.speculative is not None:
+            try:
+                drafter_cls = registry.get("drafter", config.speculative.method)
+            except Exception as exc:
+                raise ConfigError(f"speculative_config.method: {exc}") from exc
+            self.drafter = drafter_cls(config.speculative)
+        backend = config.structured_outputs.backend.split(":")[0]
+        self.structured = StructuredOutputManager(registry, backend, self.tokenizer, self.vocab_size)
         self.runner = ModelRunner(self.model, vocab_size=self.vocab_size, block_size=block_size,
                                   max_num_reqs=sched.max_num_seqs, max_model_len=self.max_model_len,
                                   device=self.device, logprobs_mode=config.model.logprobs_mode,
-                                  eos_token_id=self.eos_token_id)
+                                  eos_token_id=self.eos_token_id, drafter=self.drafter,
+                                  num_speculative_tokens=config.speculative.num_speculative_tokens
+                                  if config.speculative else 0,
+                                  apply_bitmask=self._apply_bitmask)
+
+    def _apply_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor, indices: list[int] | None) -> None:
+        self.structured.decoder.apply_token_bitmask(logits, bitmask, indices)
 
     def _default_backend(self) -> str:
         if self.device.type == "cuda" and "triton" in self.registry.available("attention_backend"):
@@ -94,10 +110,20 @@ class EngineCore:
 
     # ------------------------------------------------------------ requests
 
+    def validate_structured_outputs(self, request: Request) -> None:
+        """Raises ValueError for a structured-output spec the guided decoder cannot honour."""
+        if request.sampling_params.structured_outputs is not None:
+            self.structured.validate(request.sampling_params.structured_outputs)
+
     def add_request(self, request: Request) -> None:
+        """Queue a request; a guided one waits for its grammar (compiled in the background).
+        Call ``validate_structured_outputs`` first to reject bad specs up front."""
+        if request.sampling_params.structured_outputs is not None:
+            self.structured.submit(request)
         self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: list[str]) -> list[str]:
+        self.structured.forget(request_ids)
         return self.scheduler.abort_requests(request_ids)
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
@@ -107,6 +133,23 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[EngineCoreOutput]:
+        # With nothing running, wait (briefly) for a grammar rather than spin.
+        idle = not self.scheduler.running and all(r.status == RequestStatus.WAITING_FOR_GRAMMAR
+                                                  for r in self.scheduler.waiting)
+        failed = self.structured.update_waiting(block=idle)
+        if failed:
+            self.scheduler.finish_requests(failed, RequestStatus.FINISHED_ABORTED)
         scheduler_output = self.scheduler.schedule()
+        self.structured.grammar_bitmask(scheduler_output, self.scheduler.requests)
         runner_output = self.runner.execute(scheduler_output)
         return self.scheduler.update_from_output(scheduler_output, runner_output)
+
+    def stats(self) -> dict[str, int | float]:
+        stats = self.scheduler.stats()
+        drafted, accepted = stats["spec_num_draft_tokens"], stats["spec_num_accepted_tokens"]
+        stats["spec_acceptance_rate"] = accepted / drafted if drafted else 0.0
+        verify_steps = self.scheduler.spec_num_verify_steps
+        # tokens emitted per verifying step: accepted drafts + the bonus/corrected token
+        stats["spec_mean_accepted_length"] = (accepted + verify_steps) / verify_steps if verify_steps else 0.0
+        stats["num_grammars_compiling"] = len(self.structured._pending)
+        return stats

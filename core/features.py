@@ -25,13 +25,12 @@ ENGINE_FEATURES: tuple[tuple[str, str, str], ...] = (
     ("prefix_caching", "supported", "sha256-chained block hashes, LRU eviction, per-request cache_salt"),
     ("chunked_prefill", "supported", "one token budget per step, no prefill/decode phases"),
     ("preemption", "supported", "by recompute (V1); KV cache swapping is deprecated"),
+    ("speculative_decoding", "supported", "drafts scheduled within the token budget, verified in one forward "
+                                          "pass by a rejection sampler (greedy: exact match; sampled: the "
+                                          "standard rule for a deterministic drafter), with structured outputs"),
+    ("structured_outputs", "supported", "grammars compiled in a thread pool (the request waits, others run); "
+                                        "bad specs rejected when added; no fallback to unconstrained decoding"),
 )
-# Registered components whose engine integration is not built yet: kind -> detail.
-NOT_WIRED = {
-    DRAFTER: "the engine does not run speculative decoding yet; speculative_config is rejected",
-    GUIDED_DECODER: "the engine does not apply grammars yet; structured_outputs requests are rejected",
-}
-
 
 def component_row(record: ComponentRecord) -> dict[str, Any]:
     return {
@@ -62,9 +61,6 @@ def feature_matrix(registry: Registry) -> dict[str, Any]:
     spec = _listing("spec_decode_methods", sorted(available[DRAFTER]), "no drafter registered")
     guided_row = _listing("structured_output_backends", structured,
                           f"{STRUCTURED_BACKEND} needs the 'xgrammar' guided decoder, which is not registered")
-    for row, kind in ((spec, DRAFTER), (guided_row, GUIDED_DECODER)):
-        if row["status"] == "supported" and kind in NOT_WIRED:
-            row.update(status="not_implemented", detail=f"registered: {row['detail']}; {NOT_WIRED[kind]}")
     features = [
         _listing("attention_backends", sorted(available[ATTENTION_BACKEND]), "no attention backend registered"),
         _listing("model_architectures", sorted(available[MODEL]), "no model class registered"),

@@ -40,6 +40,10 @@ class LLM:
     def _init(self, config: EngineConfig) -> None:
         self.config = config
         self.engine = LLMEngine(config)
+        # Outputs per request not yet taken by its consumer: whoever steps the engine (a
+        # generate call, or one of several open streams) steps every request, so each
+        # output waits here for the consumer of its own request.
+        self._inbox: dict[str, list[RequestOutput]] = {}
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
@@ -84,31 +88,51 @@ class LLM:
     def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Incremental outputs (only the new text and tokens each time) until the request ends.
         Closing the iterator early aborts the request."""
-        request_id = self.engine.next_request_id()
-        self.engine.add_request(request_id, prompt, sampling_params or SamplingParams(), OutputKind.DELTA)
+        request_id = self._add(prompt, sampling_params or SamplingParams(), OutputKind.DELTA)
         finished = False
         try:
             while not finished:
-                for output in self.engine.step():
-                    if output.request_id == request_id:
-                        finished = output.finished
-                        yield output
+                if not self._inbox[request_id]:
+                    self._step()
+                for output in self._take(request_id):
+                    finished = output.finished
+                    yield output
         finally:
+            del self._inbox[request_id]
             if not finished:
                 self.engine.abort_request([request_id])
 
     def abort(self, request_ids: str | Sequence[str]) -> None:
-        self.engine.abort_request([request_ids] if isinstance(request_ids, str) else list(request_ids))
+        """End requests in any state; their consumers get a final output with finish reason "abort"."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        for final in self.engine.abort_request(ids):
+            if final.request_id in self._inbox:
+                self._inbox[final.request_id].append(final)
+
+    def _add(self, prompt: PromptType, params: SamplingParams, kind: OutputKind) -> str:
+        request_id = self.engine.next_request_id()
+        self.engine.add_request(request_id, prompt, params, kind)
+        self._inbox[request_id] = []
+        return request_id
+
+    def _step(self) -> None:
+        for output in self.engine.step():
+            if output.request_id in self._inbox:
+                self._inbox[output.request_id].append(output)
+
+    def _take(self, request_id: str) -> list[RequestOutput]:
+        outputs, self._inbox[request_id] = self._inbox[request_id], []
+        return outputs
 
     def _add_all(self, prompts: list[PromptType], params: list[SamplingParams]) -> list[str]:
         added: list[str] = []
         try:
             for prompt, p in zip(prompts, params):
-                request_id = self.engine.next_request_id()
-                self.engine.add_request(request_id, prompt, p, OutputKind.FINAL_ONLY)
-                added.append(request_id)
+                added.append(self._add(prompt, p, OutputKind.FINAL_ONLY))
         except Exception:
             self.engine.abort_request(added)  # all or nothing: the engine stays clean
+            for request_id in added:
+                del self._inbox[request_id]
             raise
         return added
 
@@ -118,16 +142,20 @@ class LLM:
         bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm or len(request_ids) < 2)
         try:
             while pending:
-                for output in self.engine.step():
-                    if output.finished and output.request_id in pending:
-                        results[output.request_id] = output
-                        pending.discard(output.request_id)
-                        bar.update(1)
+                self._step()
+                for request_id in list(pending):
+                    for output in self._take(request_id):
+                        if output.finished:
+                            results[request_id] = output
+                            pending.discard(request_id)
+                            bar.update(1)
         except BaseException:
             self.engine.abort_request(list(pending))
             raise
         finally:
             bar.close()
+            for request_id in request_ids:
+                del self._inbox[request_id]
         return [results[r] for r in request_ids]
 
 
@@ -135,8 +163,8 @@ def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptTy
     if isinstance(prompts, (str, Mapping)):
         return [prompts]
     prompts = list(prompts)
-    if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
-        return [prompts]  # one prompt given as token ids
+    if prompts and isinstance(prompts[0], int) and not isinstance(prompts[0], bool):
+        return [prompts]  # one prompt given as token ids (the input processor checks every id)
     return prompts
 
 

@@ -34,6 +34,7 @@ class LLMEngine:
         if self.output_processor.has_request(request_id):
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, requests = self.input_processor.process(request_id, prompt, params)
+        self.core.validate_structured_outputs(requests[0])  # children share the spec
         self.output_processor.add_request(request_id, text, requests, kind)
         for request in requests:
             self.core.add_request(request)
@@ -58,4 +59,4 @@ class LLMEngine:
         return outputs
 
     def get_stats(self) -> dict[str, Any]:
-        return self.core.scheduler.stats()
+        return self.core.stats()

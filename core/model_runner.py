@@ -15,17 +15,34 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from collections.abc import Callable
+
 from .attention import AttentionMetadata
+from .drafter import Drafter
 from .input_batch import InputBatch
+from .rejection_sampler import RejectionSampler
 from .sampler import Sampler, SamplingMetadata, compute_logprobs_tensors, to_logprobs
 from .step import ModelRunnerOutput, SchedulerOutput
+from .structured import apply_token_bitmask as _torch_apply_token_bitmask
+
+BitmaskApplier = Callable[[torch.Tensor, torch.Tensor, "list[int] | None"], None]
 
 
 class ModelRunner:
+    """``drafter``: proposes draft tokens after each step (speculative decoding), or None.
+    ``apply_bitmask``: masks logits with a grammar token bitmask (the guided decoder's own
+    function; a plain torch one by default)."""
+
     def __init__(self, model: torch.nn.Module, *, vocab_size: int, block_size: int, max_num_reqs: int,
                  max_model_len: int, device: torch.device, logprobs_mode: str = "raw",
-                 eos_token_id: int | None = None) -> None:
+                 eos_token_id: int | None = None, drafter: Drafter | None = None,
+                 num_speculative_tokens: int = 0, apply_bitmask: BitmaskApplier | None = None) -> None:
         self.model = model
+        self.max_model_len = max_model_len
+        self.drafter = drafter
+        self.num_speculative_tokens = num_speculative_tokens if drafter is not None else 0
+        self.apply_bitmask = apply_bitmask or _torch_apply_token_bitmask
+        self.rejection_sampler = RejectionSampler()
         self.vocab_size = vocab_size
         self.block_size = block_size
         self.device = device
@@ -36,12 +53,16 @@ class ModelRunner:
         self.sampler = Sampler()
         # Seeded generators outlive preemption so a resumed request continues its stream.
         self._generators: dict[str, torch.Generator] = {}
+        # Prompt positions whose logprobs were reported, per request: a request preempted
+        # by recompute computes its prompt again, and must not report those positions twice.
+        self._num_prompt_logprobs_done: dict[str, int] = {}
 
     # ------------------------------------------------------------ batch state
 
     def _update_states(self, so: SchedulerOutput) -> None:
         for req_id in so.finished_req_ids:
             self._generators.pop(req_id, None)
+            self._num_prompt_logprobs_done.pop(req_id, None)
         self.batch.remove_requests(so.finished_req_ids | so.preempted_req_ids)
         for new in so.scheduled_new_reqs:
             self.batch.remove_requests({new.req_id})
@@ -63,6 +84,10 @@ class ModelRunner:
         rows = [r for r in range(batch.num_reqs) if so.num_scheduled_tokens.get(batch.rows[r].req_id, 0) > 0]
         if not rows:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+        for req_id, drafts in so.scheduled_spec_decode_tokens.items():  # inputs past the known tokens
+            row = batch.req_id_to_row[req_id]
+            n = int(batch.num_tokens[row])
+            batch.token_ids[row, n: n + len(drafts)] = drafts
         rows_arr = np.asarray(rows)
         counts = np.asarray([so.num_scheduled_tokens[batch.rows[r].req_id] for r in rows], dtype=np.int32)
         starts = batch.num_computed_tokens[rows_arr]
@@ -89,50 +114,141 @@ class ModelRunner:
         hidden = self.model(torch.from_numpy(input_ids).to(self.device),
                             torch.from_numpy(positions).to(self.device), md)
 
-        # a row samples when this step reaches the end of its known tokens
+        # a row samples when this step reaches the end of its known tokens (drafts lie beyond it)
         done = seq_lens >= batch.num_tokens[rows_arr]
         sample_rows = rows_arr[done]
-        logits_indices = query_start_loc[1:][done] - 1
         req_ids = [batch.rows[r].req_id for r in rows]
-        sampled: dict[int, int] = {}
         output = ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=[])
+        sampled: dict[int, list[int]] = {}
         if len(sample_rows):
-            logits = self.model.compute_logits(hidden[torch.from_numpy(logits_indices).to(self.device)])
-            metadata = self._sampling_metadata(sample_rows)
-            result = self.sampler(logits, metadata)
-            tokens = result.sampled_token_ids.tolist()
-            sampled = dict(zip(sample_rows.tolist(), tokens))
-            if result.logprobs is not None:
-                wanted = [batch.rows[r].params.logprobs or 0 for r in sample_rows]
-                for r, lp, k in zip(sample_rows.tolist(), to_logprobs(result.logprobs, wanted), wanted):
-                    if batch.rows[r].params.logprobs is not None:
-                        output.logprobs[batch.rows[r].req_id] = lp
+            sampled = self._sample(output, hidden, so, sample_rows, query_start_loc[1:][done])
         for i, r in enumerate(rows):
             if batch.rows[r].params.prompt_logprobs is not None:
                 self._prompt_logprobs(output, hidden, r, int(starts[i]), int(query_start_loc[i]), int(counts[i]))
         for r in rows:
-            token = sampled.get(r)
-            output.sampled_token_ids.append([] if token is None else [token])
+            tokens = sampled.get(r, [])
+            output.sampled_token_ids.append(tokens)
             batch.num_computed_tokens[r] += so.num_scheduled_tokens[batch.rows[r].req_id]
-            if token is not None:
+            for token in tokens:
                 batch.append_token(r, token)
+        if self.drafter is not None and sampled:
+            self._propose_drafts(output, list(sampled))
         return output
+
+    def _sample(self, output: ModelRunnerOutput, hidden: torch.Tensor, so: SchedulerOutput,
+                sample_rows: np.ndarray, query_ends: np.ndarray) -> dict[int, list[int]]:
+        """Tokens for the rows whose known tokens are all computed: one sampled token, or the
+        accepted drafts plus one when drafts were scheduled (one logits row per draft + 1)."""
+        batch = self.batch
+        drafts = [so.scheduled_spec_decode_tokens.get(batch.rows[r].req_id, []) for r in sample_rows]
+        num_logits = np.asarray([len(d) + 1 for d in drafts], dtype=np.int64)
+        # the last len(d) + 1 positions of each sampling row's query
+        logits_indices = np.repeat(query_ends - num_logits, num_logits) + _ranges(num_logits)
+        logits = self.model.compute_logits(hidden[torch.from_numpy(logits_indices).to(self.device)])
+        virtual_rows = np.repeat(sample_rows, num_logits)
+        outputs = [batch.rows[r].output_token_ids + list(d[:j]) for r, d in zip(sample_rows, drafts)
+                   for j in range(len(d) + 1)]
+        metadata = self._sampling_metadata(virtual_rows, outputs)
+        self._apply_grammar(logits, so, sample_rows, num_logits)
+        wanted_by_row = [batch.rows[r].params.logprobs for r in sample_rows]
+        if not any(drafts):
+            result = self.sampler(logits, metadata)
+            tokens = [[t] for t in result.sampled_token_ids.tolist()]
+            lp_tensors, lp_rows = result.logprobs, list(range(len(sample_rows)))
+        else:
+            rejection = self.rejection_sampler(logits, metadata, drafts)
+            tokens = rejection.token_ids
+            lp_tensors = rejection.logprobs
+            lp_rows = rejection.first_rows
+        if lp_tensors is not None:
+            self._sample_logprobs(output, lp_tensors, sample_rows, lp_rows, tokens, wanted_by_row)
+        return dict(zip(sample_rows.tolist(), tokens))
+
+    def _sample_logprobs(self, output: ModelRunnerOutput, tensors, sample_rows: np.ndarray, first_rows: list[int],
+                         tokens: list[list[int]], wanted_by_row: list[int | None]) -> None:
+        """One logprobs row per emitted token, for the requests that asked."""
+        select, wanted, owners = [], [], []
+        for r, first, toks, k in zip(sample_rows.tolist(), first_rows, tokens, wanted_by_row):
+            if k is not None:
+                select.extend(range(first, first + len(toks)))
+                wanted.append(k)
+                owners.append((self.batch.rows[r].req_id, len(toks)))
+        if not select:
+            return
+        index = torch.tensor(select, device=tensors.token_ids.device)
+        picked = type(tensors)(tensors.token_ids[index], tensors.logprobs[index], tensors.ranks[index])
+        per_row = [k for (_, n), k in zip(owners, wanted) for _ in range(n)]
+        merged = to_logprobs(picked, per_row, merge=True)
+        start = 0
+        for req_id, n in owners:
+            output.logprobs[req_id] = type(merged)(merged.token_ids[start:start + n],
+                                                   merged.logprobs[start:start + n], merged.ranks[start:start + n])
+            start += n
+
+    def _apply_grammar(self, logits: torch.Tensor, so: SchedulerOutput, sample_rows: np.ndarray,
+                       num_logits: np.ndarray) -> None:
+        """Mask the logits rows of guided requests with the bitmask rows the scheduler filled
+        (one per draft position plus one, in the same order as the logits rows)."""
+        if so.grammar_bitmask is None or not so.structured_output_request_ids:
+            return
+        logits_rows, mask_rows = [], []
+        first = 0
+        for r, n in zip(sample_rows.tolist(), num_logits.tolist()):
+            mask_first = so.structured_output_request_ids.get(self.batch.rows[r].req_id)
+            if mask_first is not None:
+                logits_rows.extend(range(first, first + n))
+                mask_rows.extend(range(mask_first, mask_first + n))
+            first += n
+        if not logits_rows:
+            return
+        bitmask = torch.full((logits.shape[0], so.grammar_bitmask.shape[1]), -1, dtype=torch.int32)
+        bitmask[logits_rows] = so.grammar_bitmask[mask_rows]
+        self.apply_bitmask(logits, bitmask, logits_rows)
+
+    def _propose_drafts(self, output: ModelRunnerOutput, rows: list[int]) -> None:
+        """Drafts for the next step, never past max_tokens or the model length: the step that
+        verifies d drafts emits up to d + 1 tokens and needs d more KV slots."""
+        batch = self.batch
+        token_ids, room = [], []
+        for r in rows:
+            state = batch.rows[r]
+            n = int(batch.num_tokens[r])
+            left = state.params.max_tokens - len(state.output_token_ids)
+            token_ids.append(batch.token_ids[r, :n])
+            room.append(max(0, min(self.num_speculative_tokens, left - 1, self.max_model_len - 1 - n)))
+        proposals = self.drafter.propose(token_ids, room)
+        if len(proposals) != len(rows):
+            raise RuntimeError(f"drafter {self.drafter.name!r} returned {len(proposals)} proposals for "
+                               f"{len(rows)} requests")
+        for r, drafts, limit in zip(rows, proposals, room):
+            drafts = [int(t) for t in drafts]
+            if len(drafts) > limit:
+                raise RuntimeError(f"drafter {self.drafter.name!r} proposed {len(drafts)} tokens where at "
+                                   f"most {limit} were allowed")
+            if drafts:
+                output.draft_token_ids[batch.rows[r].req_id] = drafts
 
     def _prompt_logprobs(self, output: ModelRunnerOutput, hidden: torch.Tensor, row: int, start: int,
                          offset: int, count: int) -> None:
-        """Logprob of each prompt token p+1 given tokens 0..p, for this chunk's positions p."""
+        """Logprob of each prompt token p+1 given tokens 0..p, for this chunk's positions p
+        not reported before (a recomputed prompt is not reported again)."""
         batch = self.batch
+        req_id = batch.rows[row].req_id
         num_prompt = int(batch.num_prompt_tokens[row])
+        begin = max(start, self._num_prompt_logprobs_done.get(req_id, 0))
         end = min(start + count, num_prompt - 1)
-        if end <= start:
+        if end <= begin:
             return
-        logits = self.model.compute_logits(hidden[offset: offset + end - start])
-        targets = torch.from_numpy(batch.token_ids[row, start + 1: end + 1]).to(self.device)
+        logits = self.model.compute_logits(hidden[offset + begin - start: offset + end - start])
+        targets = torch.from_numpy(batch.token_ids[row, begin + 1: end + 1]).to(self.device)
         k = batch.rows[row].params.prompt_logprobs
         tensors = compute_logprobs_tensors(torch.log_softmax(logits, dim=-1), targets, k)
-        output.prompt_logprobs[batch.rows[row].req_id] = to_logprobs(tensors, [k] * (end - start), merge=True)
+        output.prompt_logprobs[req_id] = to_logprobs(tensors, [k] * (end - begin), merge=True)
+        self._num_prompt_logprobs_done[req_id] = end
 
-    def _sampling_metadata(self, rows: np.ndarray) -> SamplingMetadata:
+    def _sampling_metadata(self, rows: np.ndarray, outputs: list[list[int]]) -> SamplingMetadata:
+        """One metadata row per entry of ``rows`` (a batch row may repeat: one per draft
+        position), ``outputs[i]`` being the output tokens that row's position follows."""
         batch = self.batch
         states = [batch.rows[r] for r in rows]
         dev = self.device
@@ -160,7 +276,7 @@ class ModelRunner:
             allowed_mask = allowed_mask.to(dev)
         min_tokens = {}
         for i, s in enumerate(states):
-            if s.params.min_tokens and len(s.output_token_ids) < s.params.min_tokens:
+            if s.params.min_tokens and len(outputs[i]) < s.params.min_tokens:
                 stop_ids = set(s.params.stop_token_ids or ())
                 if self.eos_token_id is not None and not s.params.ignore_eos:
                     stop_ids.add(self.eos_token_id)
@@ -175,8 +291,14 @@ class ModelRunner:
             presence_penalties=column(batch.presence_penalty[rows], 0.0),
             frequency_penalties=column(batch.frequency_penalty[rows], 0.0),
             repetition_penalties=repetition, prompt_token_ids=prompt_ids,
-            output_token_ids=[s.output_token_ids for s in states], min_tokens=min_tokens,
+            output_token_ids=outputs, min_tokens=min_tokens,
             logit_bias=[s.params.logit_bias for s in states], allowed_token_ids_mask=allowed_mask,
             bad_words_token_ids={i: s.params.bad_words_token_ids for i, s in enumerate(states)
                                  if s.params.bad_words_token_ids},
             max_num_logprobs=max(wanted) if wanted else None, logprobs_mode=self.logprobs_mode)
+
+
+def _ranges(lengths: np.ndarray) -> np.ndarray:
+    """Concatenated aranges: [2, 3] -> [0, 1, 0, 1, 2]."""
+    ends = np.cumsum(lengths)
+    return np.arange(int(ends[-1]) if len(ends) else 0) - np.repeat(ends - lengths, lengths)

@@ -29,6 +29,7 @@ empty one.
 """
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Iterable
 
@@ -37,6 +38,8 @@ from .kv_cache import KVCacheBlock, KVCacheManager
 from .request import Request, RequestStatus
 from .step import CachedRequestData, EngineCoreOutput, Logprobs, ModelRunnerOutput, NewRequestData, SchedulerOutput
 from .stop_checker import check_stop
+
+logger = logging.getLogger(__name__)
 
 _ADMISSIBLE = (RequestStatus.WAITING, RequestStatus.WAITING_FOR_GRAMMAR)
 
@@ -63,6 +66,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.spec_num_draft_tokens = 0
         self.spec_num_accepted_tokens = 0
+        self.spec_num_verify_steps = 0  # request-steps that verified at least one draft
 
     # ---- requests in and out ----
 
@@ -118,6 +122,7 @@ class Scheduler:
             "kv_cache_usage": kv.usage(),
             "spec_num_draft_tokens": self.spec_num_draft_tokens,
             "spec_num_accepted_tokens": self.spec_num_accepted_tokens,
+            "spec_num_verify_steps": self.spec_num_verify_steps,
         }
 
     # ---- one step ----
@@ -250,13 +255,35 @@ class Scheduler:
         request.num_computed_tokens -= len(scheduled_spec) - num_accepted
         self.spec_num_draft_tokens += len(scheduled_spec)
         self.spec_num_accepted_tokens += num_accepted
+        self.spec_num_verify_steps += 1
 
     def _append_until_stop(self, request: Request, sampled: list[int]) -> list[int]:
+        """Append tokens one by one; the first that stops the request (a stop condition, or
+        the end of its grammar) is the last one kept."""
         for count, token_id in enumerate(sampled, 1):
             request.append_output_token_ids([token_id])
-            if check_stop(request, self.max_model_len):
+            stopped = check_stop(request, self.max_model_len)
+            if request.grammar is not None and not stopped:
+                stopped = self._advance_grammar(request, token_id)
+            if stopped:
                 return sampled[:count]
         return sampled
+
+    @staticmethod
+    def _advance_grammar(request: Request, token_id: int) -> bool:
+        """Feed an emitted token to the request's matcher; True if that ends the request."""
+        if not request.grammar.accept_tokens([token_id]):
+            # the bitmask forbade it, so only a decoder bug gets here: end rather than emit junk
+            logger.error("request %s: token %d was emitted but its grammar refuses it; aborting the request",
+                         request.request_id, token_id)
+            request.status = RequestStatus.FINISHED_ABORTED
+            return True
+        if request.grammar.is_terminated():
+            request.status = RequestStatus.FINISHED_STOPPED
+            if token_id != request.eos_token_id:
+                request.stop_reason = token_id
+            return True
+        return False
 
     def _free(self, request: Request) -> None:
         self.kv_cache_manager.free(request)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import torch
+
     from .sampling_params import SamplingParams
 
 
@@ -47,6 +49,11 @@ class SchedulerOutput:
     # requests whose rows the runner must drop: finished, aborted or preempted since the last step
     finished_req_ids: set[str] = field(default_factory=set)
     preempted_req_ids: set[str] = field(default_factory=set)
+    # structured output: int32 [rows, ceil(vocab/32)] token bitmask filled by the engine after
+    # scheduling, and req_id -> its first row; a guided request that samples this step has one
+    # row per scheduled draft plus one (see core/structured.py for the bit layout)
+    grammar_bitmask: torch.Tensor | None = None
+    structured_output_request_ids: dict[str, int] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:

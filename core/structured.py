@@ -102,7 +102,22 @@ class GuidedDecoder(Component):
     @abstractmethod
     def compile(self, spec: StructuredOutputsParams) -> Grammar:
         """A fresh matcher for ``spec``; raises ``UnsupportedStructuredOutput``
-        (naming the problem) for anything it cannot enforce exactly."""
+        (naming the problem) for anything it cannot enforce exactly.
+
+        The engine calls it from a thread pool (it may be slow), so it must be
+        thread-safe; the request waits in WAITING_FOR_GRAMMAR meanwhile."""
+
+    def validate(self, spec: StructuredOutputsParams) -> None:
+        """Raise ``UnsupportedStructuredOutput`` now, when the request is added, for a spec
+        ``compile`` would reject. Called on the caller's thread, so it should be cheap
+        (parse, do not compile). The default compiles, which is exact but slow: override it."""
+        self.compile(spec)
+
+    @staticmethod
+    def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, indices: list[int] | None = None) -> None:
+        """Set the logits of disallowed tokens to -inf in place, for the rows ``indices``
+        (all when None). A decoder may override this with its own kernel."""
+        apply_token_bitmask(logits, bitmask, indices)
 
 
 def bitmask_width(vocab_size: int) -> int:
@@ -119,3 +134,17 @@ def bitmask_to_bool(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     unpacked = (bitmask.unsqueeze(-1) >> bits) & 1  # [rows, words, 32]
     return unpacked.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, indices: list[int] | None = None) -> None:
+    """Plain torch masking: logits [rows, V] (any device), bitmask int32 [rows, ceil(V/32)]."""
+    vocab_size = logits.shape[-1]
+    if bitmask.dtype != torch.int32 or bitmask.shape != (logits.shape[0], bitmask_width(vocab_size)):
+        raise ValueError(f"bitmask must be int32 [{logits.shape[0]}, {bitmask_width(vocab_size)}], "
+                         f"got {bitmask.dtype} {list(bitmask.shape)}")
+    rows = list(range(logits.shape[0])) if indices is None else list(indices)
+    if not rows:
+        return
+    allowed = bitmask_to_bool(bitmask[rows].to(logits.device), vocab_size)  # [len(rows), V]
+    index = torch.tensor(rows, device=logits.device)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))

@@ -6,6 +6,15 @@ exactly as it finds a pip-installed package.
 """
 from __future__ import annotations
 
+import os
+
+import torch
+
+# Triton picks interpreter or compiler when a kernel is defined, so the choice must be made before
+# any test module (or the registry loading built-in plugins) imports tokenmill.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import importlib
 import sys
 import textwrap

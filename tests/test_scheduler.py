@@ -501,4 +501,4 @@ def test_stats_report_queues_blocks_and_counters():
     assert scheduler.stats() == {
         "num_running": 1, "num_waiting": 1, "num_preemptions": 0, "prefix_cache_queries": 8,
         "prefix_cache_hits": 0, "num_free_blocks": 8, "num_total_blocks": 10, "kv_cache_usage": pytest.approx(0.2),
-        "spec_num_draft_tokens": 0, "spec_num_accepted_tokens": 0}
+        "spec_num_draft_tokens": 0, "spec_num_accepted_tokens": 0, "spec_num_verify_steps": 0}

@@ -33,22 +33,24 @@ def _device_for(cls) -> str:
 
 def attention_matches_reference(cls) -> None:
     """Prefill from empty, then a mixed step (decode, chunk after a cached prefix
-    not aligned to a block, fresh prompt), both equal to the reference backend."""
-    from tokenmill.plugins.attention.torch_backend import TorchAttentionBackend
+    not aligned to a block, fresh prompt), both equal to the reference: plain
+    per-request attention in fp32 (``reference_paged_attention``), independent of
+    every backend's fast path, the built-in ``torch`` backend's included."""
 
     device = _device_for(cls)
     head_size = 32 if cls.supported_head_sizes is None else min(cls.supported_head_sizes)
     block_size = 16 if cls.supported_block_sizes is None else min(cls.supported_block_sizes)
     for dtype in [d for d in (torch.float32, torch.bfloat16) if d in cls.supported_dtypes]:
         for num_heads, num_kv_heads in ((4, 4), (6, 2)):
-            _compare_two_steps(cls, TorchAttentionBackend, device, dtype, num_heads, num_kv_heads,
-                               head_size, block_size)
+            _compare_two_steps(cls, device, dtype, num_heads, num_kv_heads, head_size, block_size)
 
 
-def _compare_two_steps(cls, ref_cls, device, dtype, num_heads, num_kv_heads, head_size, block_size) -> None:
+def _compare_two_steps(cls, device, dtype, num_heads, num_kv_heads, head_size, block_size) -> None:
+    from tokenmill.plugins.attention.torch_backend import TorchAttentionBackend, reference_paged_attention
+
     gen = torch.Generator().manual_seed(0)
     kwargs = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_size=head_size, dtype=dtype, device=device)
-    backend, reference = cls(**kwargs), ref_cls(**kwargs)
+    backend, ref_cls = cls(**kwargs), TorchAttentionBackend
     num_blocks = 24
     cache = torch.zeros(cls.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size), dtype=dtype, device=device)
     ref_cache = torch.zeros(ref_cls.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size),
@@ -64,7 +66,7 @@ def _compare_two_steps(cls, ref_cls, device, dtype, num_heads, num_kv_heads, hea
         q, k, v = (torch.randn(total, h, head_size, generator=gen).to(device, dtype)
                    for h in (num_heads, num_kv_heads, num_kv_heads))
         out = backend.forward(q, k, v, cache, md, scale)
-        expected = reference.forward(q, k, v, ref_cache, md, scale)
+        expected = reference_paged_attention(q, k, v, ref_cache, md, scale)
         assert out.shape == q.shape and out.dtype == q.dtype, \
             f"{cls.name}: output {tuple(out.shape)} {out.dtype}, expected {tuple(q.shape)} {q.dtype}"
         n = md.num_actual_tokens

@@ -1,21 +1,81 @@
 """The ``torch`` attention backend: paged attention in plain PyTorch.
 
-The reference every other backend is tested against, and the CPU default.
-Cache layout, one tensor per layer:
+The CPU default. Cache layout, one tensor per layer:
 
     kv_cache[0] = keys, kv_cache[1] = values: [num_blocks, block_size, num_kv_heads, head_size]
+
+``TorchAttentionBackend`` batches the decode rows (query length 1): rows of
+similar context length form a bucket, whose cache blocks are gathered whole
+into a reused workspace (padded to the bucket's longest context) and attended
+in one ``scaled_dot_product_attention`` with a length mask. Longer queries
+(prompt chunks) go one request at a time: their compute dwarfs the call
+overhead, and padding them would waste the most. What depends only on the metadata
+(buckets, gather indices, masks) is built once per step and shared by every
+layer. ``reference_paged_attention`` is the plain per-request version, the
+independent reference other backends are checked against.
+
+Math in fp32 whatever the cache dtype (a no-op for fp32, the CPU default), as
+in the reference; outputs are cast back to q's dtype. GQA without repeating KV
+heads: query head h reads KV head h // group, so in decode the H query heads
+view as [KV, group] and each KV head serves its group's rows; prompt chunks
+use SDPA's own ``enable_gqa``:
+
+    decode   q [R, H, D] -> [R, KV, group, D]    k, v [R, L, KV, D] seen as [R, KV, L, D]
+    prompt   q [Q, H, D] -> [1, H, Q, D]         k, v [L, KV, D] seen as [1, KV, L, D]
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from tokenmill import AttentionBackend, AttentionMetadata
 
+# Cost of one more decode bucket, in padded context tokens: a bucket is split off
+# when it saves more gather + attention work than this per-call overhead.
+_BUCKET_OVERHEAD_TOKENS = 256
+
+
+@dataclass(slots=True)
+class _DecodeBucket:
+    num_rows: int
+    padded_len: int
+    token_index: torch.Tensor  # int64 [R]: the rows' query tokens in the flat batch
+    kv_blocks: torch.Tensor  # int64 [2 * R * padded_len / block_size]: see _kv_blocks
+    mask: torch.Tensor  # bool [R, 1, 1, padded_len]: True where a key position exists
+
+
+@dataclass(slots=True)
+class _Prefill:
+    start: int
+    end: int
+    seq_len: int
+    kv_blocks: torch.Tensor | None  # int64 (see _kv_blocks), None when the chunk is the whole context
+    mask: torch.Tensor | None  # bool [query_len, seq_len], None when the chunk is the whole context
+
+
+@dataclass(slots=True)
+class _StepPlan:
+    """What every layer of one step shares: built from the metadata alone."""
+
+    metadata: AttentionMetadata
+    slots: torch.Tensor | None  # int64 write slots, None when some are -1 (masked write)
+    decode: list[_DecodeBucket]
+    prefill: list[_Prefill]
+
 
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
     supported_devices = ("cpu", "cuda")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._plan: _StepPlan | None = None
+        # gather target reused across layers and steps: fresh large CPU tensors cost page faults
+        self._workspace = torch.empty(0)
 
     @staticmethod
     def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int,
@@ -26,31 +86,117 @@ class TorchAttentionBackend(AttentionBackend):
                 metadata: AttentionMetadata, scale: float) -> torch.Tensor:
         n = metadata.num_actual_tokens
         key_cache, value_cache = kv_cache[0], kv_cache[1]
-        block_size = key_cache.shape[1]
-        write_kv(key_cache, value_cache, k[:n], v[:n], metadata.slot_mapping[:n])
+        plan = self._step_plan(metadata, num_blocks=key_cache.shape[0], block_size=key_cache.shape[1],
+                               device=q.device)
+        if plan.slots is None:
+            write_kv(key_cache, value_cache, k[:n], v[:n], metadata.slot_mapping[:n])
+        else:
+            key_cache.view(-1, *key_cache.shape[2:])[plan.slots] = k[:n].to(key_cache.dtype)
+            value_cache.view(-1, *value_cache.shape[2:])[plan.slots] = v[:n].to(value_cache.dtype)
 
-        out = torch.zeros_like(q)
+        out = torch.empty_like(q)
+        out[n:].zero_()  # padding rows: any finite value
         group = self.num_heads // self.num_kv_heads
-        starts = metadata.query_start_loc_cpu.tolist()
-        for i, seq_len in enumerate(metadata.seq_lens_cpu.tolist()):
-            start, end = starts[i], starts[i + 1]
-            query_len = end - start
-            if query_len == 0:
-                continue
-            blocks = metadata.block_tables[i, : (seq_len + block_size - 1) // block_size]
-            # keys/values of the whole context: [seq_len, kv_heads, head]
-            keys = key_cache[blocks].flatten(0, 1)[:seq_len]
-            values = value_cache[blocks].flatten(0, 1)[:seq_len]
-            # [heads, len, head]; fp32 so the reference is exact enough to compare against
-            qh = q[start:end].transpose(0, 1).float()
-            kh = keys.transpose(0, 1).float().repeat_interleave(group, dim=0)
-            vh = values.transpose(0, 1).float().repeat_interleave(group, dim=0)
-            # new token j sits at position seq_len - query_len + j and sees keys up to it
-            q_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)
-            mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
-            attn = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
-            out[start:end] = attn.transpose(0, 1).to(q.dtype)
+        for bucket in plan.decode:
+            keys, values = self._gather(kv_cache, bucket.kv_blocks)  # [R * L, KV, D] each
+            keys = keys.view(bucket.num_rows, bucket.padded_len, self.num_kv_heads, -1).transpose(1, 2)
+            values = values.view(bucket.num_rows, bucket.padded_len, self.num_kv_heads, -1).transpose(1, 2)
+            qh = q[bucket.token_index].view(bucket.num_rows, self.num_kv_heads, group, -1)
+            attn = F.scaled_dot_product_attention(qh.float(), keys.float(), values.float(),
+                                                  attn_mask=bucket.mask, scale=scale)  # [R, KV, group, D]
+            out[bucket.token_index] = attn.reshape(bucket.num_rows, self.num_heads, -1).to(out.dtype)
+        for chunk in plan.prefill:
+            start, end = chunk.start, chunk.end
+            if chunk.kv_blocks is None:  # no cached prefix: this step's k/v are the whole context
+                keys, values = k[start:end].to(key_cache.dtype), v[start:end].to(value_cache.dtype)
+            else:
+                keys, values = self._gather(kv_cache, chunk.kv_blocks)
+                keys, values = keys[: chunk.seq_len], values[: chunk.seq_len]
+            keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [KV, L, D]
+            # 4-D inputs: CPU SDPA takes its flash kernel only for those (3-D falls back to the math one)
+            attn = F.scaled_dot_product_attention(
+                q[start:end].transpose(0, 1)[None].float(), keys[None].float(), values[None].float(),
+                attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scale, enable_gqa=True)  # [1, H, Q, D]
+            out[start:end] = attn[0].transpose(0, 1).to(out.dtype)
         return out
+
+    def _gather(self, kv_cache: torch.Tensor, kv_blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole blocks of keys and values, in ``kv_blocks`` order, into the workspace:
+        two [num_blocks_gathered * block_size, KV, D] views. Copying whole blocks runs at
+        memcpy speed; attention then reads keys with a stride of KV * D."""
+        width = kv_cache[0, 0].numel()
+        numel = kv_blocks.shape[0] * width
+        if self._workspace.numel() < numel or self._workspace.dtype != kv_cache.dtype \
+                or self._workspace.device != kv_cache.device:
+            self._workspace = torch.empty(numel, dtype=kv_cache.dtype, device=kv_cache.device)
+        gathered = self._workspace[:numel].view(kv_blocks.shape[0], width)
+        torch.index_select(kv_cache.view(-1, width), 0, kv_blocks, out=gathered)
+        keys, values = gathered.view(2, -1, *kv_cache.shape[3:])
+        return keys, values
+
+    def _step_plan(self, metadata: AttentionMetadata, num_blocks: int, block_size: int,
+                   device: torch.device) -> _StepPlan:
+        """The step's plan, built on its first layer. Keyed by the metadata object: a step hands
+        the same AttentionMetadata to every layer and the runner builds a new one per step."""
+        if self._plan is not None and self._plan.metadata is metadata:
+            return self._plan
+        n = metadata.num_actual_tokens
+        slot_mapping = metadata.slot_mapping[:n]
+        slots = slot_mapping if bool((slot_mapping >= 0).all()) else None
+        starts = metadata.query_start_loc_cpu.numpy().astype(np.int64)
+        seq_lens = metadata.seq_lens_cpu.numpy().astype(np.int64)
+        query_lens = starts[1:] - starts[:-1]
+        tables = metadata.block_tables.cpu().to(torch.int64).clamp_min(0)  # unused entries may hold anything
+        decode = []
+        for rows in _bucket_rows(np.flatnonzero(query_lens == 1), seq_lens, block_size):
+            lens = torch.from_numpy(seq_lens[rows])
+            padded_len = -(-int(lens.max()) // block_size) * block_size
+            mask = torch.arange(padded_len)[None, :] < lens[:, None]  # [R, padded_len]
+            decode.append(_DecodeBucket(
+                num_rows=len(rows), padded_len=padded_len, token_index=torch.from_numpy(starts[rows]).to(device),
+                kv_blocks=_kv_blocks(tables[torch.from_numpy(rows), : padded_len // block_size], num_blocks,
+                                     device),
+                mask=mask[:, None, None, :].to(device)))
+        prefill = []
+        for i in np.flatnonzero(query_lens > 1).tolist():
+            query_len, seq_len = int(query_lens[i]), int(seq_lens[i])
+            kv_blocks = mask = None  # no cached prefix: causal from the top left, as SDPA's is_causal
+            if seq_len != query_len:
+                kv_blocks = _kv_blocks(tables[i, : -(-seq_len // block_size)], num_blocks, device)
+                q_pos = torch.arange(seq_len - query_len, seq_len)
+                mask = (torch.arange(seq_len)[None, :] <= q_pos[:, None]).to(device)  # [Q, seq_len]
+            prefill.append(_Prefill(int(starts[i]), int(starts[i + 1]), seq_len, kv_blocks, mask))
+        self._plan = _StepPlan(metadata, slots, decode, prefill)
+        return self._plan
+
+
+def _kv_blocks(block_ids: torch.Tensor, num_blocks: int, device: torch.device) -> torch.Tensor:
+    """Rows of a [2, num_blocks, ...] cache viewed as [2 * num_blocks, block]: the keys of
+    ``block_ids`` (any shape, flattened), then their values."""
+    block_ids = block_ids.flatten()
+    return torch.cat((block_ids, block_ids + num_blocks)).to(device)
+
+
+def _bucket_rows(rows: np.ndarray, seq_lens: np.ndarray, block_size: int) -> list[np.ndarray]:
+    """Split decode rows into buckets of similar context length, minimising padded
+    tokens + a per-bucket overhead (contiguous ranges of the rows sorted by length)."""
+    if len(rows) == 0:
+        return []
+    rows = rows[np.argsort(-seq_lens[rows], kind="stable")]
+    padded = -(-seq_lens[rows] // block_size) * block_size  # descending
+    # best[j]: cheapest split of the first j rows; a bucket rows[i:j] costs (j - i) * padded[i]
+    best = np.zeros(len(rows) + 1)
+    cut = np.zeros(len(rows) + 1, dtype=np.int64)
+    for j in range(1, len(rows) + 1):
+        i = np.arange(j)
+        costs = best[:j] + (j - i) * padded[:j] + _BUCKET_OVERHEAD_TOKENS
+        cut[j] = int(np.argmin(costs))
+        best[j] = costs[cut[j]]
+    buckets, j = [], len(rows)
+    while j > 0:
+        buckets.append(rows[cut[j]: j])
+        j = cut[j]
+    return buckets[::-1]
 
 
 def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -60,3 +206,36 @@ def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, k: torch.Tensor
     slots = slot_mapping[valid]
     key_cache.view(-1, *key_cache.shape[2:])[slots] = k[valid].to(key_cache.dtype)
     value_cache.view(-1, *value_cache.shape[2:])[slots] = v[valid].to(value_cache.dtype)
+
+
+def reference_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                              metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+    """The reference: ``AttentionBackend.forward`` for the torch cache layout, one request
+    at a time, in fp32, KV heads repeated for GQA. Plain and slow on purpose."""
+    n = metadata.num_actual_tokens
+    key_cache, value_cache = kv_cache[0], kv_cache[1]
+    block_size = key_cache.shape[1]
+    write_kv(key_cache, value_cache, k[:n], v[:n], metadata.slot_mapping[:n])
+
+    out = torch.zeros_like(q)
+    group = q.shape[1] // key_cache.shape[2]
+    starts = metadata.query_start_loc_cpu.tolist()
+    for i, seq_len in enumerate(metadata.seq_lens_cpu.tolist()):
+        start, end = starts[i], starts[i + 1]
+        query_len = end - start
+        if query_len == 0:
+            continue
+        blocks = metadata.block_tables[i, : (seq_len + block_size - 1) // block_size]
+        # keys/values of the whole context: [seq_len, kv_heads, head]
+        keys = key_cache[blocks].flatten(0, 1)[:seq_len]
+        values = value_cache[blocks].flatten(0, 1)[:seq_len]
+        # [heads, len, head]; fp32 so the reference is exact enough to compare against
+        qh = q[start:end].transpose(0, 1).float()
+        kh = keys.transpose(0, 1).float().repeat_interleave(group, dim=0)
+        vh = values.transpose(0, 1).float().repeat_interleave(group, dim=0)
+        # new token j sits at position seq_len - query_len + j and sees keys up to it
+        q_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
+        attn = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+        out[start:end] = attn.transpose(0, 1).to(q.dtype)
+    return out

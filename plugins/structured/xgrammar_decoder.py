@@ -475,26 +475,43 @@ class XGrammarDecoder(GuidedDecoder):
                 self._cache.popitem(last=False)
         return compiled
 
-    def _compile(self, spec: StructuredOutputsParams) -> xgr.CompiledGrammar:
+    def validate(self, spec: StructuredOutputsParams) -> None:
+        """The checks and the parse into an xgrammar ``Grammar``, without the tokenizer-bound
+        compilation: every rejection ``compile`` makes, at a fraction of its cost."""
+        self._grammar(spec)
+
+    def _grammar(self, spec: StructuredOutputsParams) -> xgr.Grammar:
         mode = spec.mode
         if mode == "json":
-            build = partial(self._compiler.compile_json_schema, _schema_source(spec.json),
+            build = partial(xgr.Grammar.from_json_schema, _schema_source(spec.json),
                             any_whitespace=True, strict_mode=True)
         elif mode == "regex":
-            build = partial(self._compiler.compile_regex, _checked_regex(spec.regex, "the regex"))
+            build = partial(xgr.Grammar.from_regex, _checked_regex(spec.regex, "the regex"))
         elif mode == "choice":
-            build = partial(self._compiler.compile_grammar, _choice_grammar(spec.choice))
+            build = partial(xgr.Grammar.from_ebnf, _choice_grammar(spec.choice))
         elif mode == "grammar":
             if not isinstance(spec.grammar, str):
                 raise _reject(f"grammar must be an EBNF string, got {type(spec.grammar).__name__}")
-            build = partial(self._compiler.compile_grammar, spec.grammar)
+            build = partial(xgr.Grammar.from_ebnf, spec.grammar)
         else:
-            build = self._compiler.compile_builtin_json_grammar
+            build = xgr.Grammar.builtin_json_grammar
         try:
             return build()
         except RuntimeError as exc:  # xgrammar's parse errors: keep the last line, its actual message
             detail = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
             raise _reject(f"xgrammar cannot compile the {mode} spec: {detail}") from exc
+
+    def _compile(self, spec: StructuredOutputsParams) -> xgr.CompiledGrammar:
+        grammar = self._grammar(spec)
+        try:
+            return self._compiler.compile_grammar(grammar)
+        except RuntimeError as exc:
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+            raise _reject(f"xgrammar cannot compile the {spec.mode} spec: {detail}") from exc
+
+    @staticmethod
+    def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, indices: list[int] | None = None) -> None:
+        apply_token_bitmask(logits, bitmask, indices)
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, indices: Sequence[int] | None = None) -> None:

@@ -1,0 +1,133 @@
+"""Verification of draft tokens: one forward pass scores every draft, this keeps a prefix.
+
+A request with k drafts ``d_0 .. d_{k-1}`` gets k + 1 rows of logits: row j is the
+target model's distribution for the position of ``d_j`` (given the tokens before it,
+the earlier drafts included), row k the one after the last draft.
+
+    rows       0      1      2      3 (bonus)
+    draft      d_0    d_1    d_2    -
+    accepted   yes    yes    no            -> emitted: d_0 d_1 t_2
+                                              (t_2: the corrected token of row 2)
+
+Every row is processed exactly as the plain sampler processes its one row (masks,
+penalties over the output so far *including* the earlier drafts, temperature,
+min-p, top-k, top-p), so a greedy request emits exactly the tokens it would emit
+without drafts, and a sampled one draws from the same distributions:
+
+- greedy row: accept ``d_j`` iff it is the argmax; otherwise emit the argmax;
+- random row: accept ``d_j`` with probability ``p_j(d_j)`` (the drafter is
+  deterministic, so its own probability is 1); on rejection emit a sample of
+  ``p_j`` with ``d_j`` removed (the normalised residual ``max(p_j - q, 0)``);
+- all k accepted: one bonus token sampled from row k.
+
+A request with no drafts is one bonus row: the same draw the plain sampler makes.
+Stop conditions are applied later by the scheduler, token by token.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .logprobs import LogprobsTensors, compute_logprobs, compute_logprobs_tensors
+from .sampler import apply_logits_processors, apply_min_p, apply_top_k_top_p, exponential_race
+from .sampling_metadata import SAMPLING_EPS, SamplingMetadata
+
+_NEG_INF = float("-inf")
+
+
+@dataclass(slots=True)
+class RejectionOutput:
+    # per request: accepted drafts + one corrected or bonus token
+    token_ids: list[list[int]]
+    # per request: the index of its first row in the logits
+    first_rows: list[int]
+    # one row per logits row, the chosen token being the one emitted at that position
+    # (the draft if accepted, else the corrected/bonus token); None when no row asked
+    logprobs: LogprobsTensors | None
+
+
+class RejectionSampler:
+    """Verifies draft tokens against the target model's logits."""
+
+    def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata,
+                 draft_token_ids: Sequence[Sequence[int]]) -> RejectionOutput:
+        return self.forward(logits, metadata, draft_token_ids)
+
+    def forward(self, logits: torch.Tensor, metadata: SamplingMetadata,
+                draft_token_ids: Sequence[Sequence[int]]) -> RejectionOutput:
+        """logits: [N, V] with N = sum(len(drafts) + 1); metadata: one row per logits row."""
+        num_rows = sum(len(d) + 1 for d in draft_token_ids)
+        if logits.dim() != 2 or logits.shape[0] != num_rows:
+            raise ValueError(f"logits must be [{num_rows}, V] (one row per draft plus one per request), "
+                             f"got shape {tuple(logits.shape)}")
+        if metadata.num_rows != num_rows:
+            raise ValueError(f"metadata has {metadata.num_rows} rows, logits have {num_rows}")
+        device = logits.device
+        first_rows: list[int] = []
+        drafts_flat: list[int] = []  # per row: its draft token, -1 on bonus rows
+        for drafts in draft_token_ids:
+            first_rows.append(len(drafts_flat))
+            drafts_flat.extend(int(t) for t in drafts)
+            drafts_flat.append(-1)
+        draft = torch.tensor(drafts_flat, dtype=torch.int64, device=device)  # [N]
+        has_draft = draft >= 0
+
+        logits = logits.to(torch.float32, copy=True)
+        wants_logprobs = metadata.max_num_logprobs is not None
+        lp_source = compute_logprobs(logits) if wants_logprobs and metadata.logprobs_mode == "raw" else None
+        apply_logits_processors(logits, metadata)
+
+        greedy_token = logits.argmax(dim=-1)  # [N]
+        if metadata.all_greedy:
+            if wants_logprobs and lp_source is None:
+                lp_source = compute_logprobs(logits)
+            accepted = has_draft & (greedy_token == draft)
+            emitted = torch.where(accepted, draft, greedy_token)
+        else:
+            is_greedy = metadata.temperature < SAMPLING_EPS
+            logits.div_(metadata.temperature.masked_fill(is_greedy, 1.0).unsqueeze(1))
+            if wants_logprobs and lp_source is None:
+                lp_source = compute_logprobs(logits)
+            if metadata.min_p is not None:
+                apply_min_p(logits, metadata.min_p)
+            logits = apply_top_k_top_p(logits, metadata.top_k, metadata.top_p)
+            probs = logits.softmax(dim=-1)  # [N, V]
+            safe_draft = draft.clamp_min(0).unsqueeze(1)
+            draft_prob = probs.gather(1, safe_draft).squeeze(1)  # [N]
+            uniform = self._uniform(num_rows, metadata.generators, [d >= 0 for d in drafts_flat], device)
+            accepted = has_draft & torch.where(is_greedy, greedy_token == draft, uniform < draft_prob)
+            # The residual of a deterministic drafter: the target distribution without the draft.
+            # A row whose whole mass sits on its draft always accepts it, so it keeps its logits.
+            residual = logits.scatter(1, safe_draft, _NEG_INF)
+            keep = ~has_draft | (draft_prob >= 1.0)
+            residual = torch.where(keep.unsqueeze(1), logits, residual)
+            sampled = exponential_race(residual, metadata.generators)
+            emitted = torch.where(accepted, draft, torch.where(is_greedy, greedy_token, sampled))
+
+        accepted_list = accepted.tolist()
+        emitted_list = emitted.tolist()
+        token_ids: list[list[int]] = []
+        for first, drafts in zip(first_rows, draft_token_ids):
+            tokens = []
+            for j in range(len(drafts) + 1):
+                tokens.append(emitted_list[first + j])
+                if not accepted_list[first + j]:
+                    break
+            token_ids.append(tokens)
+        logprobs = None
+        if wants_logprobs:
+            logprobs = compute_logprobs_tensors(lp_source, emitted, metadata.max_num_logprobs)
+        return RejectionOutput(token_ids, first_rows, logprobs)
+
+    @staticmethod
+    def _uniform(num_rows: int, generators: dict[int, torch.Generator], has_draft: list[bool],
+                 device: torch.device) -> torch.Tensor:
+        """U[0, 1) per row; a seeded row with a draft draws from its own generator. Bonus rows
+        draw nothing here, so a seeded request without drafts makes exactly the plain sampler's draws."""
+        uniform = torch.rand(num_rows, device=device)
+        for row, generator in generators.items():
+            if has_draft[row]:
+                uniform[row] = torch.rand(1, generator=generator, device=device)[0]
+        return uniform

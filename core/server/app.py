@@ -1,0 +1,204 @@
+"""The FastAPI application: routes, the API-key and body-size guards, OpenAI-style errors."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from .async_engine import AsyncEngine, EngineDeadError, EngineUnavailableError
+from .chat import create_chat_completion
+from .completions import create_completion
+from .errors import APIError, error_body
+from .metrics import CONTENT_TYPE
+from .protocol import ChatCompletionRequest, CompletionRequest
+from .responses import ModelCard, ModelList
+from .serving import ServerState
+
+DEFAULT_MAX_BODY_BYTES = 8 << 20
+OPEN_PATHS = frozenset({"/health"})  # reachable without the API key
+
+ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
+
+
+def build_app(engine: AsyncEngine, *, model_names: list[str], api_key: str | None = None,
+              chat_template: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The OpenAI-compatible app over ``engine``. Its lifespan starts the engine thread
+    and, at shutdown, aborts what is still in flight and stops it."""
+    state = ServerState(engine, model_names, chat_template)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        await engine.shutdown()  # the HTTP server has already drained its connections
+
+    app = FastAPI(title="tokenmill", lifespan=lifespan)
+    _add_error_handlers(app)
+    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
+    if api_key is not None:
+        app.add_middleware(_APIKeyGuard, api_key=api_key)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.is_healthy:
+            return Response(status_code=200)
+        reason = (f"the engine has stopped after an error: {engine.error!r}" if engine.error is not None
+                  else "the server is not admitting requests (starting or shutting down)")
+        return JSONResponse(error_body(503, reason), status_code=503)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=name, max_model_len=engine.max_model_len) for name in model_names])
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(engine.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await _cancel_on_disconnect(request, create_completion(state, body))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await _cancel_on_disconnect(request, create_chat_completion(state, body))
+
+    return app
+
+
+async def _cancel_on_disconnect(request: Request, handler: Coroutine[Any, Any, Response]) -> Response:
+    """Run ``handler`` unless the client disconnects first; cancelling it aborts its
+    engine requests. (A streamed response is watched by Starlette itself once it starts.)"""
+    task = asyncio.ensure_future(handler)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return Response(status_code=499)  # nobody is listening any more
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    def reply(status: int, message: str, param: str | None = None) -> JSONResponse:
+        return JSONResponse(error_body(status, message, param), status_code=status)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return reply(exc.status, exc.message, exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        error = exc.errors()[0]
+        if error["type"] == "json_invalid":
+            return reply(400, f"the body is not valid JSON: {error.get('ctx', {}).get('error', '')}".rstrip(": "))
+        param, union_tag = _field_path(error["loc"])
+        if union_tag is None:
+            return reply(400, f"{param or 'body'}: {error['msg']}", param)
+        paths = [_field_path(e["loc"]) for e in exc.errors()]
+        expected = dict.fromkeys(tag for path, tag in paths if path == param and tag is not None)
+        return reply(400, f"{param}: invalid value; expected {' or '.join(expected)}", param)
+
+    @app.exception_handler(EngineUnavailableError)
+    async def unavailable(request: Request, exc: EngineUnavailableError) -> JSONResponse:
+        return reply(503, str(exc))
+
+    @app.exception_handler(EngineDeadError)
+    async def dead(request: Request, exc: EngineDeadError) -> JSONResponse:
+        return reply(500, str(exc))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return reply(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        return reply(500, f"internal server error: {exc!r}")
+
+
+_UNION_TAGS = frozenset({"str", "int", "float", "bool"})
+
+
+def _field_path(loc: tuple) -> tuple[str | None, str | None]:
+    """A pydantic error location as a param (``messages.0.role``), cut at the member of
+    a union it tried (``prompt`` of ``("body", "prompt", "list[int]", 0)``), and that member."""
+    parts: list[str] = []
+    for part in loc[1:] if loc[:1] == ("body",) else loc:
+        if isinstance(part, str) and ("[" in part or part in _UNION_TAGS):
+            return ".".join(parts) or None, part
+        parts.append(str(part))
+    return ".".join(parts) or None, None
+
+
+async def _send_error(send: Callable, status: int, message: str) -> None:
+    body = json.dumps(error_body(status, message)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _APIKeyGuard:
+    """Every route but the open ones needs ``Authorization: Bearer <key>``; the key is
+    compared in constant time."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                await _send_error(send, 401, "invalid or missing API key (Authorization: Bearer <key>)")
+                return
+        await self.app(scope, receive, send)
+
+
+class _BodyLimit:
+    """Refuse request bodies over ``max_bytes`` with 413: by Content-Length up front,
+    and by counting for chunked uploads."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = f"the request body is larger than {self.max_bytes} bytes"
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await _send_error(send, 413, too_large)
+            return
+        received = 0
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, too_large)
+            return message
+
+        await self.app(scope, limited_receive, send)

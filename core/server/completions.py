@@ -1,0 +1,126 @@
+"""POST /v1/completions: one engine request per prompt; choice ``i`` of prompt ``p``
+is choice ``p * n + i`` of the response."""
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.responses import Response, StreamingResponse
+
+from ..input_processor import PromptType
+from ..llm_engine import LLMEngine
+from ..outputs import PositionLogprobs
+from .async_engine import EngineDeadError, RequestStream
+from .errors import error_body, invalid_input
+from .protocol import CompletionRequest
+from .responses import CompletionChoice, CompletionResponse, completion_logprobs
+from .serving import SSE_DONE, ServerState, add_all, collect, merge, sse, usage
+
+
+@dataclass(slots=True)
+class _Echo:
+    """A prompt to echo before its completions."""
+
+    prompt: dict[str, Any]  # its text and token ids, handed to the engine
+    text: str
+    first_token_text: str  # the first prompt token has no logprob, only a text
+
+
+async def create_completion(state: ServerState, request: CompletionRequest) -> Response:
+    state.check_request(request)
+    prompts = request.prompts()
+    params = request.sampling_params()
+    echoes = None
+    if request.echo:
+        try:
+            echoes = await state.engine.call(lambda engine: _echo_prompts(engine, prompts))
+        except ValueError as exc:
+            raise invalid_input(exc, request.field_names()) from None
+        prompts = [echo.prompt for echo in echoes]
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    streams = await add_all(state.engine, request_id, prompts, params, request)
+    if request.stream:
+        return StreamingResponse(_stream(request, request_id, state.model_name, streams, echoes, params.n),
+                                 media_type="text/event-stream")
+    try:
+        results = [await collect(stream) for stream in streams]
+    finally:
+        for stream in streams:
+            stream.abort()
+    choices = [_choice(request, p * params.n + c.index, c.text, c.token_ids, c.logprobs, c.finish_reason,
+                       c.stop_reason, echoes[p] if echoes else None, result.prompt_token_ids, result.prompt_logprobs)
+               for p, result in enumerate(results) for c in result.choices]
+    num_prompt_tokens = sum(len(result.prompt_token_ids) for result in results)
+    num_tokens = sum(len(c.token_ids) for result in results for c in result.choices)
+    body = CompletionResponse(id=request_id, model=state.model_name, choices=choices,
+                              usage=usage(num_prompt_tokens, num_tokens))
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+def _echo_prompts(engine: LLMEngine, prompts: list[PromptType]) -> list[_Echo]:
+    """Runs on the engine thread: the prompts' texts and token ids."""
+    echoes = []
+    for prompt in prompts:
+        text, token_ids = engine.input_processor.tokenize(prompt)
+        if text is None:
+            text = engine.tokenizer.decode(token_ids)
+        echoes.append(_Echo({"prompt": text, "prompt_token_ids": token_ids}, text,
+                            engine.tokenizer.decode(token_ids[:1])))
+    return echoes
+
+
+def _choice(request: CompletionRequest, index: int, text: str, token_ids: list[int],
+            logprobs: list[PositionLogprobs] | None, finish_reason: str | None, stop_reason: int | str | None,
+            echo: _Echo | None, prompt_token_ids: list[int],
+            prompt_logprobs: list[PositionLogprobs | None] | None, text_offset: int = 0) -> CompletionChoice:
+    positions: list[PositionLogprobs | None] = list(logprobs or [])
+    if echo is not None:
+        text = echo.text + text
+        token_ids = prompt_token_ids + token_ids
+        positions = list(prompt_logprobs or [None] * len(prompt_token_ids)) + positions
+    choice_logprobs = None
+    if request.logprobs is not None:
+        choice_logprobs = completion_logprobs(token_ids, positions, request.logprobs, text_offset,
+                                              echo.first_token_text if echo else "")
+    return CompletionChoice(index=index, text=text, logprobs=choice_logprobs, finish_reason=finish_reason,
+                            stop_reason=stop_reason)
+
+
+async def _stream(request: CompletionRequest, request_id: str, model: str, streams: list[RequestStream],
+                  echoes: list[_Echo] | None, n: int) -> AsyncIterator[str]:
+    created = int(time.time())
+    prompt_tokens = [0] * len(streams)
+    num_tokens = 0
+    text_offsets: dict[int, int] = {}
+    finished: set[int] = set()
+    try:
+        async for p, output in merge(streams):
+            prompt_tokens[p] = len(output.prompt_token_ids)
+            choices = []
+            for delta in output.outputs:
+                index = p * n + delta.index
+                if index in finished or not (delta.text or delta.token_ids or delta.finish_reason):
+                    continue
+                echo = echoes[p] if echoes and index not in text_offsets else None
+                choice = _choice(request, index, delta.text, delta.token_ids, delta.logprobs, delta.finish_reason,
+                                 delta.stop_reason, echo, output.prompt_token_ids, output.prompt_logprobs,
+                                 text_offsets.get(index, 0))
+                text_offsets[index] = text_offsets.get(index, 0) + len(choice.text)
+                num_tokens += len(delta.token_ids)
+                if delta.finish_reason is not None:
+                    finished.add(index)
+                choices.append(choice)
+            if choices:
+                yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=choices))
+        if request.stream_options is not None and request.stream_options.include_usage:
+            yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[],
+                                         usage=usage(sum(prompt_tokens), num_tokens)))
+    except EngineDeadError as exc:
+        yield sse(error_body(500, str(exc)))
+    finally:
+        for stream in streams:
+            stream.abort()
+    yield SSE_DONE

@@ -1,0 +1,85 @@
+"""``tokenmill serve``: build the engine, run the app under uvicorn, shut down gracefully.
+
+On SIGINT or SIGTERM the server stops admitting requests (503, and the listening
+socket closes), lets in-flight responses finish for up to ``shutdown_timeout``
+seconds, cancels (and so aborts) what is left, stops the engine and exits 0.
+A second SIGINT exits at once.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import uvicorn
+
+from ..config import EngineConfig
+from ..llm_engine import LLMEngine
+from .app import DEFAULT_MAX_BODY_BYTES, build_app
+from .async_engine import AsyncEngine
+from .metrics import ServerMetrics
+
+MAX_HEADER_BYTES = 32 << 10  # h11 refuses a request whose head is larger
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+
+logger = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, told to stop admitting on the first signal. Its signals are
+    handled here and not re-raised after the shutdown: a drained server exits 0."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine) -> None:
+        super().__init__(config)
+        self.async_engine = engine
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        self.async_engine.stop_admitting()
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        self.should_exit = True
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """``--chat-template``: a file holding the template, or the template itself."""
+    if value is None:
+        return None
+    path = Path(value)
+    return path.read_text() if path.is_file() else value
+
+
+def uvicorn_config(app: object, *, host: str, port: int, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+                   log_level: str = "info") -> uvicorn.Config:
+    # h11 (not httptools): it bounds the request head, so oversized headers are refused
+    return uvicorn.Config(app, host=host, port=port, http="h11", h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+                          timeout_graceful_shutdown=shutdown_timeout, lifespan="on", log_level=log_level)
+
+
+def serve(config: EngineConfig, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          served_model_name: str | None = None, chat_template: str | None = None,
+          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+          log_level: str = "info") -> int:
+    """Serve ``config``'s model until a signal; returns the exit status."""
+    model_name = served_model_name or config.model.model
+    engine = AsyncEngine(LLMEngine(config), ServerMetrics(model_name))
+    app = build_app(engine, model_names=[model_name], api_key=api_key, chat_template=read_chat_template(chat_template),
+                    max_body_bytes=max_body_bytes)
+    server = _Server(uvicorn_config(app, host=host, port=port, shutdown_timeout=shutdown_timeout,
+                                    log_level=log_level), engine)
+    server.run()
+    return 0 if server.started else 1

@@ -1,0 +1,226 @@
+"""Request bodies of the OpenAI API (plus vLLM's extensions), and their SamplingParams.
+
+Every known field is type-checked strictly (``"temperature": "hot"`` is a 400
+naming ``temperature``); its range is checked by ``SamplingParams``, whose
+errors start with the field name. Unknown fields are ignored, with a log line,
+as vLLM does: clients of newer API versions keep working.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..input_processor import PromptType
+from ..sampling_params import SamplingParams
+from ..structured import StructuredOutputsParams
+from .errors import APIError, invalid_input
+
+# SamplingParams fields a request may set under the same name
+_SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                    "repetition_penalty", "seed", "min_tokens", "stop", "stop_token_ids",
+                    "include_stop_str_in_output", "ignore_eos", "logit_bias", "allowed_token_ids", "bad_words",
+                    "skip_special_tokens", "spaces_between_special_tokens", "prompt_logprobs", "best_of")
+_GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                  "guided_grammar": "grammar"}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class JsonSchemaFormat(_Body):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(BaseModel):
+    """vLLM's ``structured_outputs``: exactly one constraint."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    json_: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class GenerationRequest(BaseModel):
+    """The fields both endpoints share."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    n: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    prompt_logprobs: int | None = None
+    best_of: int | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+
+    def field_names(self) -> dict[str, str | None]:
+        """The request's name for each engine field name, for the param of a 400 (see invalid_input)."""
+        names: dict[str, str | None] = {name: name for name in _SAMPLING_FIELDS}
+        names.update(max_tokens="max_tokens", logprobs="logprobs", prompt="prompt", prompt_token_ids="prompt",
+                     structured_outputs=self.structured_source())
+        return names
+
+    def check_stream_options(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
+
+    def structured_source(self) -> str | None:
+        """The field that asks for structured output, if any."""
+        given = [name for name in ("response_format", *_GUIDED_FIELDS, "structured_outputs")
+                 if getattr(self, name) is not None
+                 and not (name == "response_format" and self.response_format.type == "text")]
+        if len(given) > 1:
+            raise APIError(400, f"ask for structured output in one field only, got {' and '.join(given)}",
+                           given[1])
+        return given[0] if given else None
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        source = self.structured_source()
+        if source is None:
+            return None
+        if source == "response_format":
+            fmt = self.response_format
+            if fmt.type == "json_schema" and fmt.json_schema is not None and fmt.json_schema.schema_ is not None:
+                spec: dict[str, Any] = {"json": fmt.json_schema.schema_}
+            else:  # json_object, or json_schema without a schema: any JSON object
+                spec = {"json_object": True}
+        elif source == "structured_outputs":
+            spec = self.structured_outputs.model_dump(by_alias=True, exclude_none=True)
+        else:
+            spec = {_GUIDED_FIELDS[source]: getattr(self, source)}
+        try:
+            return StructuredOutputsParams(**spec)
+        except ValueError as exc:
+            raise APIError(400, str(exc), source) from None
+
+    def to_sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """The engine's parameters; a 400 naming the field when one is out of range."""
+        kwargs: dict[str, Any] = {name: getattr(self, name) for name in _SAMPLING_FIELDS
+                                  if getattr(self, name) is not None}
+        try:
+            return SamplingParams(max_tokens=max_tokens, logprobs=logprobs,
+                                  structured_outputs=self.structured_outputs_params(), **kwargs)
+        except ValueError as exc:
+            raise invalid_input(exc, self.field_names()) from None
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+
+    def prompts(self) -> list[PromptType]:
+        if self.suffix is not None:
+            raise APIError(400, "suffix is not supported", "suffix")
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if not self.prompt:
+            raise APIError(400, "prompt must not be empty", "prompt")
+        if isinstance(self.prompt[0], int):
+            return [{"prompt_token_ids": self.prompt}]
+        if isinstance(self.prompt[0], str):
+            return list(self.prompt)
+        return [{"prompt_token_ids": ids} for ids in self.prompt]
+
+    def sampling_params(self) -> SamplingParams:
+        params = self.to_sampling_params(self.max_tokens, self.logprobs)
+        if self.echo and self.logprobs is not None and params.prompt_logprobs is None:
+            params.prompt_logprobs = self.logprobs  # echoed prompt tokens carry their logprobs
+        return params
+
+
+class ContentPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def to_template(self) -> dict[str, str]:
+        """The message as chat templates expect it: text parts joined by newlines."""
+        content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content or [])
+        message = {"role": self.role, "content": content}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def field_names(self) -> dict[str, str | None]:
+        names = super().field_names()
+        names.update(prompt="messages", prompt_token_ids="messages", logprobs="top_logprobs",
+                     max_tokens="max_tokens" if self.max_completion_tokens is None else "max_completion_tokens")
+        return names
+
+    def conversation(self) -> list[dict[str, str]]:
+        if not self.messages:
+            raise APIError(400, "messages must not be empty", "messages")
+        if self.tools:
+            raise APIError(400, "tools are not supported by this server", "tools")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise APIError(400, "tool_choice is not supported by this server", "tool_choice")
+        return [message.to_template() for message in self.messages]
+
+    def sampling_params(self) -> SamplingParams:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        max_tokens = self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
+        return self.to_sampling_params(max_tokens, logprobs)

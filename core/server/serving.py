@@ -1,0 +1,135 @@
+"""What the completions and chat endpoints share: admission, merging the streams
+of several prompts, gathering non-streamed results, and server-sent events."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from ..input_processor import PromptType
+from ..outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from ..sampling_params import SamplingParams
+from ..structured import UnsupportedStructuredOutput
+from .async_engine import AsyncEngine, RequestStream
+from .errors import APIError, invalid_input
+from .protocol import GenerationRequest
+from .responses import UsageInfo
+
+logger = logging.getLogger(__name__)
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+@dataclass(slots=True)
+class ServerState:
+    engine: AsyncEngine
+    model_names: list[str]
+    chat_template: str | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self.model_names[0]
+
+    def check_request(self, request: GenerationRequest) -> None:
+        """The model must be one this server serves; unknown fields are only logged."""
+        if request.model is not None and request.model not in self.model_names:
+            raise APIError(404, f"The model `{request.model}` does not exist.", "model")
+        if request.model_extra:
+            logger.warning("ignoring unknown request fields: %s", ", ".join(sorted(request.model_extra)))
+        request.check_stream_options()
+
+
+async def add_all(engine: AsyncEngine, base_id: str, prompts: list[PromptType], params: SamplingParams,
+                  request: GenerationRequest) -> list[RequestStream]:
+    """Add one engine request per prompt, all or nothing: a 400 for bad input."""
+    streams: list[RequestStream] = []
+    try:
+        for index, prompt in enumerate(prompts):
+            request_id = base_id if len(prompts) == 1 else f"{base_id}-{index}"
+            streams.append(await engine.add_request(request_id, prompt, params))
+    except BaseException as exc:
+        for stream in streams:
+            stream.abort()
+        if isinstance(exc, UnsupportedStructuredOutput):
+            raise APIError(400, str(exc), request.structured_source()) from None
+        if isinstance(exc, ValueError):
+            raise invalid_input(exc, request.field_names()) from None
+        raise
+    return streams
+
+
+async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(stream index, output) as outputs arrive from any of ``streams``."""
+    if len(streams) == 1:
+        async for output in streams[0]:
+            yield 0, output
+        return
+    pending = {asyncio.ensure_future(anext(stream)): i for i, stream in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                index = pending.pop(task)
+                try:
+                    output = task.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(anext(streams[index]))] = index
+                yield index, output
+    finally:
+        for task in pending:
+            task.cancel()
+
+
+@dataclass(slots=True)
+class Choice:
+    """One completion gathered from its deltas."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[PositionLogprobs] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def extend(self, delta: CompletionOutput) -> None:
+        self.text += delta.text
+        self.token_ids += delta.token_ids
+        if delta.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + delta.logprobs
+        self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+
+
+@dataclass(slots=True)
+class Result:
+    """One prompt's finished request."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    prompt_logprobs: list[PositionLogprobs | None] | None
+    choices: list[Choice]
+
+
+async def collect(stream: RequestStream) -> Result:
+    choices: dict[int, Choice] = {}
+    last: RequestOutput | None = None
+    async for last in stream:
+        for delta in last.outputs:
+            choices.setdefault(delta.index, Choice(delta.index)).extend(delta)
+    return Result(last.prompt, last.prompt_token_ids, last.prompt_logprobs,
+                  [choices[i] for i in sorted(choices)])
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+
+def sse(payload: BaseModel | dict[str, Any]) -> str:
+    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {data}\n\n"

@@ -1,0 +1,196 @@
+"""Builders for engine-level tests: tiny random HF checkpoints, their tokenizer, the
+transformers reference, and the leak check every engine test ends with.
+
+A tiny checkpoint is a transformers model with random weights (a larger std than
+the usual init, so greedy decoding does not collapse onto one token) written with
+``save_pretrained`` (safetensors) next to a word-level tokenizer that names every
+id of the vocabulary (``w3`` is id 3), so any generated id decodes to text.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from tokenmill.llm import LLM
+
+VOCAB_SIZE = 128
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2
+EOS_TOKEN_ID = 2
+WEIGHT_STD = 0.15
+
+_BASE = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             max_position_embeddings=256, bos_token_id=1, eos_token_id=EOS_TOKEN_ID)
+
+# name -> transformers config; the names are the parametrize ids of the parity tests
+TINY_CONFIGS = {
+    "llama-gqa-untied": transformers.LlamaConfig(**_BASE, num_attention_heads=4, num_key_value_heads=2,
+                                                 tie_word_embeddings=False, architectures=["LlamaForCausalLM"]),
+    "llama-mha-tied": transformers.LlamaConfig(**_BASE, num_attention_heads=4, num_key_value_heads=4,
+                                               tie_word_embeddings=True, architectures=["LlamaForCausalLM"]),
+    "llama-3-heads-1-kv-head": transformers.LlamaConfig(**{**_BASE, "hidden_size": 48}, num_attention_heads=3,
+                                                        num_key_value_heads=1, tie_word_embeddings=False,
+                                                        architectures=["LlamaForCausalLM"]),
+    "qwen2-gqa-tied": transformers.Qwen2Config(**_BASE, num_attention_heads=4, num_key_value_heads=2,
+                                               tie_word_embeddings=True, architectures=["Qwen2ForCausalLM"]),
+    "mistral-gqa": transformers.MistralConfig(**_BASE, num_attention_heads=4, num_key_value_heads=2,
+                                              sliding_window=None, tie_word_embeddings=False,
+                                              architectures=["MistralForCausalLM"]),
+}
+
+# small engines: fp32 on CPU, short sequences, a small cache
+TINY_ENGINE_OPTIONS = dict(dtype="float32", device="cpu", max_model_len=256, block_size=16,
+                           num_gpu_blocks_override=64, max_num_seqs=16, max_num_batched_tokens=512)
+
+
+def word(token_id: int) -> str:
+    """The text of a non-special token id."""
+    return f"w{token_id}"
+
+
+def save_word_tokenizer(path: Path, vocab_size: int = VOCAB_SIZE) -> None:
+    """A fast word-level tokenizer: ``w3 w4`` <-> [3, 4]; decoding puts a space between words."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    vocab.update({word(i): i for i in range(len(SPECIAL_TOKENS), vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>")
+    fast.save_pretrained(path)
+
+
+def make_hf_model(config: transformers.PretrainedConfig, std: float = WEIGHT_STD,
+                  seed: int = 0) -> transformers.PreTrainedModel:
+    """A transformers model, fp32, eval mode, every weight N(0, std) (norms N(1, std))."""
+    torch.manual_seed(seed)
+    model = getattr(transformers, config.architectures[0])(config).float().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(1.0 if "norm" in name else 0.0, std)
+    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
+    return model
+
+
+def make_checkpoint(path: Path, config: transformers.PretrainedConfig) -> transformers.PreTrainedModel:
+    """A HF checkpoint directory (safetensors + tokenizer) at ``path``; returns its transformers model."""
+    hf_model = make_hf_model(config)
+    hf_model.save_pretrained(path)
+    save_word_tokenizer(path)
+    return hf_model
+
+
+def random_prompts(lengths: list[int], seed: int = 0, vocab_size: int = VOCAB_SIZE) -> list[list[int]]:
+    """Prompts of the given lengths, ids drawn from the non-special tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(len(SPECIAL_TOKENS), vocab_size, (n,), generator=generator).tolist() for n in lengths]
+
+
+def token_prompts(prompts: list[list[int]]) -> list[dict[str, list[int]]]:
+    return [{"prompt_token_ids": p} for p in prompts]
+
+
+# ---------------------------------------------------------------- the transformers reference
+
+def hf_greedy(hf_model: transformers.PreTrainedModel, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' own greedy decoding: ``max_new_tokens`` ids after ``prompt``, EOS not special."""
+    input_ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = hf_model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                                max_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def hf_logprobs(hf_model: transformers.PreTrainedModel, token_ids: list[int],
+                num_last: int | None = None) -> torch.Tensor:
+    """log_softmax of one full forward pass: row p is the distribution of token p + 1.
+    [len, vocab], or only the last ``num_last`` rows."""
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([token_ids]), logits_to_keep=num_last or 0).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def hf_greedy_loop(hf_model: transformers.PreTrainedModel, prompt: list[int], max_new_tokens: int,
+                   process=None) -> list[int]:
+    """Greedy decoding by full forward passes; ``process(output_ids, logits)`` may edit the
+    next token's logits [vocab] in place first (masks, biases, penalties)."""
+    token_ids = list(prompt)
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([token_ids]), logits_to_keep=1).logits[0, -1].float()
+        if process is not None:
+            process(token_ids[len(prompt):], logits)
+        token_ids.append(int(logits.argmax()))
+    return token_ids[len(prompt):]
+
+
+# ---------------------------------------------------------------- engines
+
+def make_llm(model: str | Path, **options) -> LLM:
+    return LLM(str(model), **{**TINY_ENGINE_OPTIONS, **options})
+
+
+def output_ids(outputs) -> list[list[int]]:
+    """The first completion's token ids of each RequestOutput."""
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def assert_no_leaks(llm: LLM) -> None:
+    """The scheduler holds no request and every KV block is free."""
+    stats = llm.get_stats()
+    assert (stats["num_running"], stats["num_waiting"]) == (0, 0)
+    assert stats["num_free_blocks"] == stats["num_total_blocks"]
+    assert not llm.engine.has_unfinished_requests()
+
+
+
+# ---------------------------------------------------------------- a byte-level checkpoint (structured outputs)
+
+# The word tokenizer above cannot spell JSON, so structured-output tests use a GPT-2-style
+# byte-level BPE instead: every byte is a token (any text can be written), ``<eos>`` is id 0.
+BYTE_LEVEL_EOS_TOKEN_ID = 0
+BYTE_LEVEL_CORPUS = (
+    '{"name": "Ada", "age": 36, "city": "Paris", "tags": ["a", "b"], "ok": true, "x": null}',
+    '[{"type": "cat"}, {"type": "dog", "size": 3}] [1, 2, 3] {"a": 1.5, "b": -2}',
+    "yes no maybe red green blue (1 + 2) * 3 - 4 / 5 hello world abc-123",
+)
+BYTE_LEVEL_TOKENIZER_SIZE = 320  # 256 bytes + <eos> + merges
+BYTE_LEVEL_VOCAB_SIZE = 352  # the logits width: padded past the tokenizer, as real checkpoints often are
+
+
+def byte_level_config(**overrides) -> transformers.LlamaConfig:
+    """A tiny Llama config for the byte-level tokenizer (EOS and BOS are ``<eos>``, id 0)."""
+    options = dict(_BASE, vocab_size=BYTE_LEVEL_VOCAB_SIZE, bos_token_id=BYTE_LEVEL_EOS_TOKEN_ID,
+                   eos_token_id=BYTE_LEVEL_EOS_TOKEN_ID, num_attention_heads=4, num_key_value_heads=2,
+                   tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+    return transformers.LlamaConfig(**{**options, **overrides})
+
+
+def save_byte_level_tokenizer(path: Path, corpus=BYTE_LEVEL_CORPUS,
+                              vocab_size: int = BYTE_LEVEL_TOKENIZER_SIZE) -> transformers.PreTrainedTokenizerFast:
+    """tokenmill's byte-level BPE (``tokenmill.testing.builders``) saved at ``path``."""
+    from tokenmill.testing.builders import make_byte_level_tokenizer
+
+    tokenizer = make_byte_level_tokenizer(corpus, vocab_size=vocab_size)
+    assert tokenizer.eos_token_id == BYTE_LEVEL_EOS_TOKEN_ID
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def make_byte_level_checkpoint(path: Path, config: transformers.PretrainedConfig | None = None,
+                               seed: int = 0) -> transformers.PreTrainedModel:
+    """A tiny random Llama checkpoint (safetensors) at ``path`` whose tokenizer is the byte-level
+    BPE; the config's vocabulary (the logits width) covers the tokenizer's and pads past it.
+    EOS is id 0 in the config and the generation config. Returns the transformers model."""
+    config = config or byte_level_config()
+    tokenizer = save_byte_level_tokenizer(path)
+    if config.vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size {config.vocab_size} < the tokenizer's {len(tokenizer)} tokens")
+    hf_model = make_hf_model(config, seed=seed)
+    hf_model.generation_config.eos_token_id = BYTE_LEVEL_EOS_TOKEN_ID
+    hf_model.generation_config.bos_token_id = BYTE_LEVEL_EOS_TOKEN_ID
+    hf_model.save_pretrained(path)
+    hf_model.generation_config.eos_token_id = None  # as make_hf_model: the reference ignores EOS
+    return hf_model
