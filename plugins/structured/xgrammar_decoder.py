@@ -92,8 +92,9 @@ _REGEX_LETTER_ESCAPES = frozenset("dDwWsSnrtfvaexucbBpPk")  # the rest match the
 # surrogates U+D800..U+DFFF and, in a JSON ``pattern``, overlong encodings (they detokenize as U+FFFD).
 # Explicit positive ranges are exact, so ``.`` becomes one; negated classes get the surrogates excluded.
 _SURROGATES = r"\ud800-\udfff"
-_REGEX_DOT = r"[\x00-\x09\x0b-\ud7ff\ue000-\U0010ffff]"  # Python re's ``.``: all but a newline
-_JSON_CHAR = r"[\x20\x21\x23-\x5b\x5d-\ud7ff\ue000-\U0010ffff]"  # what a JSON string holds unescaped
+# (U+10FFFF is written as itself: xgrammar's regex parser warns on a ``\U`` escape)
+_REGEX_DOT = r"[\x00-\x09\x0b-\ud7ff\ue000-" + "\U0010ffff]"  # Python re's ``.``: all but a newline
+_JSON_CHAR = r"[\x20\x21\x23-\x5b\x5d-\ud7ff\ue000-" + "\U0010ffff]"  # what a JSON string holds unescaped
 
 
 def _reject(message: str) -> UnsupportedStructuredOutput:
