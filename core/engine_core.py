@@ -2,12 +2,15 @@
 schedule -> execute -> update."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .config import EngineConfig
 from .errors import ConfigError
 from .loader import (load_hf_config, load_model, load_tokenizer, resolve_dtype, resolve_max_model_len,
                      resolve_model_class, resolve_model_source)
+from .memory import MemoryProfile, kv_cache_budget, profile_peak_activations, weights_bytes
 from .model_runner import ModelRunner
 from .registry import Registry, get_registry
 from .request import Request, RequestStatus
@@ -32,6 +35,7 @@ class EngineCore:
         registry = registry or (get_registry() if config.plugin_errors == "raise"
                                 else Registry(on_plugin_error="warn"))
         self.registry = registry
+        self.memory_profile: MemoryProfile | None = None  # CUDA: what sized the KV cache
         self.device = resolve_device(config.device)
         source = resolve_model_source(config.model.model, config.model.load_format)
         self.hf_config = load_hf_config(source)
@@ -57,7 +61,10 @@ class EngineCore:
             raise ConfigError(f"block_size: attention backend '{backend_name}' {problem}")
         shape = backend_cls.kv_cache_shape(1, block_size, spec.num_kv_heads, spec.head_size)
         bytes_per_block = spec.num_layers * torch.Size(shape).numel() * self.dtype.itemsize
-        self.num_blocks = self._num_blocks(bytes_per_block)
+        self.num_blocks = self._num_blocks(bytes_per_block, lambda: profile_peak_activations(
+            self.model, backend_cls, num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads,
+            head_size=spec.head_size, block_size=block_size, dtype=self.dtype, device=self.device,
+            num_tokens=min(sched.max_num_batched_tokens, self.max_model_len), num_seqs=sched.max_num_seqs))
         self.kv_caches = [torch.zeros(backend_cls.kv_cache_shape(self.num_blocks, block_size, spec.num_kv_heads,
                                                                  spec.head_size), dtype=self.dtype, device=self.device)
                           for _ in range(spec.num_layers)]
@@ -90,7 +97,9 @@ class EngineCore:
             return "triton"
         return "torch"
 
-    def _num_blocks(self, bytes_per_block: int) -> int:
+    def _num_blocks(self, bytes_per_block: int, profile_activations: Callable[[], int]) -> int:
+        """From num_gpu_blocks_override, else kv_cache_memory_bytes, else on CUDA the
+        profiled budget (core/memory.py), else 1 GiB on CPU."""
         cache = self.config.cache
         block_size = cache.block_size
         needed = (self.max_model_len + block_size - 1) // block_size + 1  # + the reserved null block
@@ -99,12 +108,15 @@ class EngineCore:
         else:
             budget = cache.kv_cache_memory_bytes
             if budget is None and self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                budget = int(free * cache.gpu_memory_utilization)
+                activations = profile_activations()
+                free, total = torch.cuda.mem_get_info(self.device)
+                self.memory_profile = MemoryProfile(total, free, weights_bytes(self.model), activations)
+                budget = kv_cache_budget(self.memory_profile, cache.gpu_memory_utilization)
             num_blocks = (budget or DEFAULT_CPU_KV_CACHE_BYTES) // bytes_per_block
         if num_blocks < needed:
             raise ConfigError(f"the KV cache has {num_blocks} blocks of {block_size} tokens; one request of "
-                              f"max_model_len={self.max_model_len} needs {needed}: raise the cache size or lower "
+                              f"max_model_len={self.max_model_len} needs {needed}: raise the cache size "
+                              "(gpu_memory_utilization, kv_cache_memory_bytes or num_gpu_blocks_override) or lower "
                               "max_model_len")
         return num_blocks
 
