@@ -1,9 +1,10 @@
 #!/bin/bash
 # Everything a lent GPU should check, in one call (see ../shared/device/README.md):
-# the GPU-marked tests, then the decode attention benchmark. Details go under $OUT,
+# the GPU-marked tests, the decode attention benchmark, then the throughput benchmark
+# on both real shapes. Details go under $OUT,
 # a short table is printed last.
 #
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=420)
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
 #
 # .whl holds the wheels the GPU image lacks (../shared/device/prepare_wheels.sh .whl).
 # tokenmill is made importable through a shim (its package-dir mapping rebuilt under
@@ -33,10 +34,20 @@ tests_rc=$?
 timeout 240 python3 benchmarks/attention.py --json "$OUT/attention.json" > "$OUT/attention.txt" 2>&1
 bench_rc=$?
 
+# the issue-9 benchmark: both shapes against HF generate on the same random weights, with the roofline
+shape_rc=0
+for shape in smollm2-135m llama3-8b; do
+  timeout 300 python3 benchmarks/throughput.py --device cuda --shape "$shape" --json "$OUT/throughput_$shape.json" \
+    > "$OUT/throughput_$shape.txt" 2>&1 || shape_rc=1
+done
+
 echo "== device"; cat "$OUT/device.txt"
 echo "== pytest -m gpu (rc $tests_rc; details in gpu_tests.txt)"
 grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.txt" | head -20
 tail -n 1 "$OUT/gpu_tests.txt"
 echo "== benchmarks/attention.py (rc $bench_rc; details in attention.json)"
 tail -n 20 "$OUT/attention.txt"
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+for shape in smollm2-135m llama3-8b; do
+  echo "== benchmarks/throughput.py --shape $shape"; tail -n 8 "$OUT/throughput_$shape.txt"
+done
+exit $(( tests_rc != 0 || bench_rc != 0 || shape_rc != 0 ))

@@ -2,6 +2,17 @@
 
     .venv/bin/python benchmarks/throughput.py                 # 64 prompts, inputs 16-512, outputs 16-256
     .venv/bin/python benchmarks/throughput.py --quick         # smoke test: 8 short prompts
+    python benchmarks/throughput.py --device cuda --shape llama3-8b     # the GPU benchmark (below)
+
+With ``--shape`` (llama3-8b or smollm2-135m) both engines run random weights at
+that model's real shape instead: 256 prompts of 512 random token ids, 128
+output tokens each, EOS ignored. transformers builds the model as
+``../shared/bench/hf_baseline.py`` does and tokenmill loads the very same
+tensors, so greedy agreement is reported too; HF runs static batches of
+--hf-batch-size. A roofline estimate follows: for the same workload, the time
+an ideal engine at batch --max-num-seqs would need, from the measured copy
+bandwidth (weights + KV bytes per decode step) and matmul rate (FLOPs), and
+the fraction of it tokenmill reached.
 
 Workload (seeded): prompts of random token ids with input lengths uniform in
 [16, --max-input-len] and output lengths uniform in [16, --max-output-len];
@@ -143,6 +154,144 @@ def print_table(rows: list[Result]) -> None:
           f"{ours.total_tok_s / hf.total_tok_s:>12.2f}x")
 
 
+# ---------------------------------------------------------------- real shapes, random weights
+
+SHAPES = {  # the dimensions of ../shared/bench/hf_baseline.py
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0,
+                         max_position_embeddings=8192, tie_word_embeddings=True),
+}
+
+
+def make_shape_checkpoint(shape: str, path) -> transformers.LlamaConfig:
+    """config.json and a word-level tokenizer covering the vocabulary (no weights: load_format="dummy")."""
+    from tokenizers import Tokenizer, models
+    config = transformers.LlamaConfig(**SHAPES[shape], architectures=["LlamaForCausalLM"], bos_token_id=1,
+                                      eos_token_id=2)
+    config.save_pretrained(path)
+    vocab = {f"t{i}": i for i in range(config.vocab_size)}
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, "t0")),
+                                                     unk_token="t0", eos_token="t2")
+    tokenizer.save_pretrained(path)
+    return config
+
+
+def build_hf_shape(config: transformers.LlamaConfig, device: str, dtype: torch.dtype):
+    """As the shared baseline builds it: every parameter N(0, 0.02), seed 0."""
+    config = transformers.LlamaConfig(**config.to_dict())
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(config).to(dtype)
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    return model.eval()
+
+
+def measure_device(device: str, dtype: torch.dtype) -> tuple[float, float]:
+    """(copy bandwidth in bytes/s, counting the read and the write; matmul FLOP/s in ``dtype``)."""
+    n = (1 << 30) if device.startswith("cuda") else (1 << 26)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device)
+    began, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        dst.copy_(src)
+    _sync(device)
+    bandwidth = 2 * n * reps / (time.perf_counter() - began)
+    del src, dst
+    m = 8192 if device.startswith("cuda") else 1024
+    a = torch.randn(m, m, device=device).to(dtype)
+    b = torch.randn(m, m, device=device).to(dtype)
+    a @ b
+    _sync(device)
+    began, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return bandwidth, 2 * m ** 3 * reps / (time.perf_counter() - began)
+
+
+def roofline_seconds(config: transformers.LlamaConfig, num_prompts: int, input_len: int, output_len: int,
+                     batch: int, dtype_bytes: int, bandwidth: float, flops: float) -> float:
+    """The time an ideal engine needs: prompts compute-bound; each decode step of ``batch`` requests
+    bound by max(weight + KV bytes / bandwidth, FLOPs / matmul rate)."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = h // config.num_attention_heads
+    kv_dim = config.num_key_value_heads * head_dim
+    per_layer = h * (h + 2 * kv_dim) + h * h + 3 * h * config.intermediate_size  # qkv, o, mlp
+    matmul_params = layers * per_layer + config.vocab_size * h  # + lm_head
+    weight_bytes = (layers * per_layer + config.vocab_size * h * (1 if config.tie_word_embeddings else 2)) \
+        * dtype_bytes
+    kv_bytes_per_token = 2 * layers * kv_dim * dtype_bytes
+    attn_flops_per_pair = 4 * layers * h  # QK^T and PV per (query, key) pair
+    prefill = num_prompts * (2 * (matmul_params - config.vocab_size * h) * input_len + 2 * config.vocab_size * h
+                             + attn_flops_per_pair * input_len * (input_len + 1) / 2) / flops
+    decode = 0.0
+    for start in range(0, num_prompts, batch):
+        rows = min(batch, num_prompts - start)
+        for step in range(1, output_len):
+            context = input_len + step
+            step_bytes = weight_bytes + rows * context * kv_bytes_per_token
+            step_flops = rows * (2 * matmul_params + attn_flops_per_pair * context)
+            decode += max(step_bytes / bandwidth, step_flops / flops)
+    return prefill + decode
+
+
+def main_shape(a: argparse.Namespace) -> None:
+    import tempfile
+    num_prompts, input_len, output_len = a.num_prompts, a.input_len, a.output_len
+    with tempfile.TemporaryDirectory() as path:
+        config = make_shape_checkpoint(a.shape, path)
+        device = "cuda" if a.device in ("cuda", "auto") and torch.cuda.is_available() else a.device
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        bandwidth, flops = measure_device(device, dtype)
+        hf_model = build_hf_shape(config, device, dtype)
+        rng = random.Random(a.seed)
+        prompts = [[rng.randrange(config.vocab_size) for _ in range(input_len)] for _ in range(num_prompts)]
+        output_lens = [output_len] * num_prompts
+        options = dict(device=device, dtype=str(dtype).removeprefix("torch."), load_format="dummy",
+                       max_model_len=input_len + output_len, max_num_seqs=a.max_num_seqs, block_size=BLOCK_SIZE,
+                       enable_prefix_caching=False, max_num_batched_tokens=max(8192, input_len))
+        if not device.startswith("cuda"):
+            options["num_gpu_blocks_override"] = num_prompts * (-(-(input_len + output_len) // BLOCK_SIZE)) + 1
+        llm = LLM(path, **options)
+        llm.engine.core.model.load_weights(hf_model.state_dict().items())  # the same tensors as HF
+        print(f"shape {a.shape} (random weights) on {device} ({str(dtype).removeprefix('torch.')}); "
+              f"{num_prompts} prompts x {input_len} input + {output_len} output tokens; copy bandwidth "
+              f"{bandwidth / 1e9:.0f} GB/s, matmul {flops / 1e12:.1f} TFLOP/s", flush=True)
+        run_tokenmill(llm, prompts[:2], [4, 4])
+        run_hf(hf_model, prompts[:2], [4, 4], 2, device)
+        ours_wall, ours_tokens = run_tokenmill(llm, prompts, output_lens)
+        print(f"tokenmill done in {ours_wall:.1f} s; running HF generate", flush=True)
+        hf_wall, hf_tokens, _ = run_hf(hf_model, prompts, output_lens, a.hf_batch_size, device)
+    num_in, num_out = num_prompts * input_len, num_prompts * output_len
+    rows = [Result("tokenmill", ours_wall, num_out / ours_wall, (num_in + num_out) / ours_wall),
+            Result(f"HF generate (batch {a.hf_batch_size})", hf_wall, num_out / hf_wall,
+                   (num_in + num_out) / hf_wall)]
+    ideal = roofline_seconds(config, num_prompts, input_len, output_len, min(a.max_num_seqs, num_prompts),
+                             dtype.itemsize, bandwidth, flops)
+    print_table(rows)
+    print(f"roofline: an ideal engine needs {ideal:.2f} s for this workload; tokenmill reached "
+          f"{ideal / ours_wall:.1%} of it, HF {ideal / hf_wall:.1%}")
+    same, prefix = agreement(ours_tokens, hf_tokens)
+    print(f"greedy agreement: {same}/{num_prompts} requests identical to HF; {prefix:.1%} of tokens before the "
+          f"first difference ({str(dtype).removeprefix('torch.')}: batch shapes change rounding)")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"shape": a.shape, "device": device, "gpu": torch.cuda.get_device_name() if
+                       device.startswith("cuda") else None, "dtype": str(dtype).removeprefix("torch."),
+                       "num_prompts": num_prompts, "input_len": input_len, "output_len": output_len,
+                       "max_num_seqs": a.max_num_seqs, "hf_batch_size": a.hf_batch_size,
+                       "copy_bandwidth_bytes_s": bandwidth, "matmul_flop_s": flops,
+                       "results": [asdict(r) for r in rows], "ratio_output_tok_s": rows[0].output_tok_s /
+                       rows[1].output_tok_s, "roofline_s": ideal, "roofline_fraction": ideal / ours_wall,
+                       "greedy_identical": same, "greedy_prefix_agreement": prefix}, f, indent=2)
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=DEFAULT_MODEL, help="a GGUF model: the HF reference reads it too")
@@ -156,7 +305,17 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for both (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 8 prompts, inputs <= 64, outputs <= 24")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                    help="random weights at this real shape instead of --model (the GPU benchmark)")
+    ap.add_argument("--input-len", type=int, default=512, help="with --shape: every prompt's length")
+    ap.add_argument("--output-len", type=int, default=128, help="with --shape: every output's length")
     a = ap.parse_args()
+    if a.shape is not None:
+        if "--num-prompts" not in " ".join(__import__("sys").argv):
+            a.num_prompts = 256
+        if "--hf-batch-size" not in " ".join(__import__("sys").argv):
+            a.hf_batch_size = 128 if a.shape == "llama3-8b" else 256
+        return a
     if a.quick:
         a.num_prompts, a.max_input_len, a.max_output_len, a.hf_batch_size = 8, 64, 24, 4
     if a.max_input_len < MIN_LEN or a.max_output_len < MIN_LEN:
@@ -168,6 +327,8 @@ def main() -> None:
     a = parse_args()
     if a.threads is not None:
         torch.set_num_threads(a.threads)
+    if a.shape is not None:
+        return main_shape(a)
     source = resolve_model_source(a.model, "gguf")
     prompts, output_lens = make_workload(a.num_prompts, a.max_input_len, a.max_output_len,
                                          load_hf_config(source).vocab_size, a.seed)
