@@ -65,6 +65,10 @@ class AttentionBackend(Component):
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.float16, torch.bfloat16)
     supported_head_sizes: ClassVar[tuple[int, ...] | None] = None
     supported_block_sizes: ClassVar[tuple[int, ...] | None] = None
+    # True when a decode step's forward can be captured in a CUDA graph: no host syncs, no
+    # allocations outside the graph's pool, a launch configuration fixed by the metadata's
+    # host ints (see cuda_graphs)
+    supports_cuda_graphs: ClassVar[bool] = False
 
     def __init__(self, *, num_heads: int, num_kv_heads: int, head_size: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:

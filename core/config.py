@@ -41,6 +41,18 @@ class ModelConfig(_Section):
     # "raw": logprobs from the logits before any processing (V1); "processed": after
     # penalties, bias, masks and temperature
     logprobs_mode: Literal["raw", "processed"] = "raw"
+    # True: every step runs eagerly. Otherwise decode steps replay CUDA graphs (on CUDA, with an
+    # attention backend that supports them) captured for these batch sizes; None: 1, 2, 4, 8,
+    # then multiples of 8 up to max_num_seqs
+    enforce_eager: bool = False
+    cudagraph_capture_sizes: list[int] | None = None
+
+    @field_validator("cudagraph_capture_sizes")
+    @classmethod
+    def _positive_sizes(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or min(value) < 1):
+            raise ValueError(f"must be a non-empty list of batch sizes >= 1, got {value}")
+        return value
 
     @field_validator("dtype", mode="before")
     @classmethod

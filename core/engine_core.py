@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 from .config import EngineConfig
+from .cuda_graphs import decode_graph_mode
 from .errors import ConfigError
 from .loader import (load_hf_config, load_model, load_tokenizer, resolve_dtype, resolve_max_model_len,
                      resolve_model_class, resolve_model_source)
@@ -87,7 +88,11 @@ class EngineCore:
                                   eos_token_id=self.eos_token_id, drafter=self.drafter,
                                   num_speculative_tokens=config.speculative.num_speculative_tokens
                                   if config.speculative else 0,
-                                  apply_bitmask=self._apply_bitmask)
+                                  apply_bitmask=self._apply_bitmask,
+                                  max_num_tokens=sched.max_num_batched_tokens,
+                                  cudagraph_mode=decode_graph_mode(enforce_eager=config.model.enforce_eager,
+                                                                   device=self.device, backend=backend_cls),
+                                  cudagraph_capture_sizes=config.model.cudagraph_capture_sizes)
 
     def _apply_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor, indices: list[int] | None) -> None:
         self.structured.decoder.apply_token_bitmask(logits, bitmask, indices)

@@ -9,6 +9,12 @@ sampled (or prompt logprobs are asked for), sample.
     input_ids              [a5]           [b0 b1 b2 b3]          [c9]
     query_start_loc        0              1                      5       6
     logits_indices         0                                     5       (b's prompt is not done)
+
+Inputs are staged in persistent buffers (pinned on CUDA) and copied to persistent
+device buffers without blocking; a decode step (one token per request) replays a
+CUDA graph when the runner has captured them (see ``cuda_graphs``). Uploads after the
+forward do not block either, so a plain step's only wait for the device is reading the
+sampled tokens back (logprobs, top-k alone and drafts add their own reads).
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import torch
 from collections.abc import Callable
 
 from .attention import AttentionMetadata
+from .cuda_graphs import DecodeGraphRunner, StepBuffers, resolve_capture_sizes
 from .drafter import Drafter
 from .input_batch import InputBatch
 from .rejection_sampler import RejectionSampler
@@ -31,12 +38,18 @@ BitmaskApplier = Callable[[torch.Tensor, torch.Tensor, "list[int] | None"], None
 class ModelRunner:
     """``drafter``: proposes draft tokens after each step (speculative decoding), or None.
     ``apply_bitmask``: masks logits with a grammar token bitmask (the guided decoder's own
-    function; a plain torch one by default)."""
+    function; a plain torch one by default).
+    ``max_num_tokens``: the most tokens a step holds (sizes the staging buffers; they grow if needed).
+    ``cudagraph_mode``: 'off', 'capture' (decode steps replay CUDA graphs captured here, for
+    ``cudagraph_capture_sizes`` or the default ladder) or 'emulate' (tests: the graph path's
+    static buffers and padding, run eagerly). The KV caches must be bound to the model first."""
 
     def __init__(self, model: torch.nn.Module, *, vocab_size: int, block_size: int, max_num_reqs: int,
                  max_model_len: int, device: torch.device, logprobs_mode: str = "raw",
                  eos_token_id: int | None = None, drafter: Drafter | None = None,
-                 num_speculative_tokens: int = 0, apply_bitmask: BitmaskApplier | None = None) -> None:
+                 num_speculative_tokens: int = 0, apply_bitmask: BitmaskApplier | None = None,
+                 max_num_tokens: int | None = None, cudagraph_mode: str = "off",
+                 cudagraph_capture_sizes: list[int] | None = None) -> None:
         self.model = model
         self.max_model_len = max_model_len
         self.drafter = drafter
@@ -56,6 +69,33 @@ class ModelRunner:
         # Prompt positions whose logprobs were reported, per request: a request preempted
         # by recompute computes its prompt again, and must not report those positions twice.
         self._num_prompt_logprobs_done: dict[str, int] = {}
+        self.max_num_tokens = max_num_tokens or max(max_num_reqs, 2048)
+        # eager steps: flat layout, block table [num_rows, width of the step's longest row]
+        t, r = self.max_num_tokens, max_num_reqs
+        self._inputs = StepBuffers(torch.device(device), {
+            "input_ids": ((t,), torch.int64), "positions": ((t,), torch.int64), "slot_mapping": ((t,), torch.int64),
+            "seq_lens": ((r,), torch.int32), "query_start_loc": ((r + 1,), torch.int32),
+            "block_tables": ((r * self.batch.max_blocks_per_req,), torch.int32)})
+        self._arange = np.arange(max(t, r) + 1, dtype=np.int64)
+        self._arange.flags.writeable = False
+        self.graphs: DecodeGraphRunner | None = None
+        if cudagraph_mode != "off":
+            self.init_cuda_graphs(cudagraph_mode, cudagraph_capture_sizes)
+
+    def init_cuda_graphs(self, mode: str, capture_sizes: list[int] | None = None) -> None:
+        """Decode steps from now on replay graphs ('capture') or run the graph path's padded
+        static inputs eagerly ('emulate', for tests)."""
+        if mode not in ("capture", "emulate"):
+            raise ValueError(f"cudagraph mode must be 'capture' or 'emulate', got {mode!r}")
+        sizes = resolve_capture_sizes(capture_sizes, self.batch.max_num_reqs, self.max_num_tokens)
+        if not sizes:
+            self.graphs = None
+            return
+        graphs = DecodeGraphRunner(capture_sizes=sizes, max_blocks_per_req=self.batch.max_blocks_per_req,
+                                   max_model_len=self.max_model_len, block_size=self.block_size,
+                                   device=self.device, emulate=mode == "emulate")
+        graphs.capture(self.model)
+        self.graphs = graphs
 
     # ------------------------------------------------------------ batch state
 
@@ -91,28 +131,12 @@ class ModelRunner:
         rows_arr = np.asarray(rows)
         counts = np.asarray([so.num_scheduled_tokens[batch.rows[r].req_id] for r in rows], dtype=np.int32)
         starts = batch.num_computed_tokens[rows_arr]
-        # flat token layout: request i covers positions starts[i] .. starts[i] + counts[i] - 1
-        query_start_loc = np.zeros(len(rows) + 1, dtype=np.int32)
-        np.cumsum(counts, out=query_start_loc[1:])
-        total = int(query_start_loc[-1])
-        row_of_token = np.repeat(rows_arr, counts)
-        positions = np.arange(total, dtype=np.int64) - np.repeat(query_start_loc[:-1], counts) \
-            + np.repeat(starts, counts)
-        input_ids = batch.token_ids[row_of_token, positions]
-        block_ids = batch.block_table[row_of_token, positions // self.block_size].astype(np.int64)
-        slot_mapping = block_ids * self.block_size + positions % self.block_size
-        seq_lens = starts + counts
-
-        width = int(batch.num_blocks[rows_arr].max())
-        md = AttentionMetadata(
-            num_actual_tokens=total, max_query_len=int(counts.max()), max_seq_len=int(seq_lens.max()),
-            query_start_loc=torch.from_numpy(query_start_loc).to(self.device),
-            seq_lens=torch.from_numpy(seq_lens).to(self.device),
-            block_tables=torch.from_numpy(batch.block_table[rows_arr, :width]).to(self.device),
-            slot_mapping=torch.from_numpy(slot_mapping).to(self.device),
-            query_start_loc_cpu=torch.from_numpy(query_start_loc), seq_lens_cpu=torch.from_numpy(seq_lens))
-        hidden = self.model(torch.from_numpy(input_ids).to(self.device),
-                            torch.from_numpy(positions).to(self.device), md)
+        if self._is_graph_step(rows_arr, counts, starts):
+            hidden = self.graphs.run(batch.token_ids[rows_arr, starts], starts, batch.block_table, rows_arr)
+            query_start_loc = self._arange[: len(rows) + 1]
+            seq_lens = starts + 1
+        else:
+            hidden, query_start_loc, seq_lens = self._forward_eager(rows_arr, counts, starts)
 
         # a row samples when this step reaches the end of its known tokens (drafts lie beyond it)
         done = seq_lens >= batch.num_tokens[rows_arr]
@@ -135,6 +159,55 @@ class ModelRunner:
             self._propose_drafts(output, list(sampled))
         return output
 
+    def _is_graph_step(self, rows: np.ndarray, counts: np.ndarray, starts: np.ndarray) -> bool:
+        """Whether this step replays a decode graph: one token per request (so no drafts),
+        few enough requests, no prompt logprobs to compute."""
+        graphs = self.graphs
+        if graphs is None or len(rows) > graphs.max_size or int(counts.max()) != 1:
+            return False
+        batch = self.batch
+        return not any(batch.rows[r].params.prompt_logprobs is not None and start < batch.num_prompt_tokens[r] - 1
+                       for r, start in zip(rows.tolist(), starts.tolist()))
+
+    def _forward_eager(self, rows: np.ndarray, counts: np.ndarray,
+                       starts: np.ndarray) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """The model on the flat layout of the step's tokens: (hidden states, query_start_loc,
+        seq_lens), the last two host arrays valid until the next step."""
+        batch, block_size = self.batch, self.block_size
+        n = len(rows)
+        total = int(counts.sum())
+        width = int(batch.num_blocks[rows].max())
+        if total >= len(self._arange):  # the staging buffers grow too
+            self._arange = np.arange(2 * total + 1, dtype=np.int64)
+            self._arange.flags.writeable = False
+        buf = self._inputs
+        buf.acquire(input_ids=total, positions=total, slot_mapping=total, seq_lens=n, query_start_loc=n + 1,
+                    block_tables=n * width)
+        query_start_loc = buf.np["query_start_loc"][: n + 1]
+        query_start_loc[0] = 0
+        np.cumsum(counts, out=query_start_loc[1:])
+        # flat token layout: request i covers positions starts[i] .. starts[i] + counts[i] - 1
+        row_of_token = np.repeat(rows, counts)
+        positions = buf.np["positions"][:total]
+        np.add(self._arange[:total], np.repeat(starts - query_start_loc[:-1], counts), out=positions)
+        buf.np["input_ids"][:total] = batch.token_ids[row_of_token, positions]
+        slot_mapping = buf.np["slot_mapping"][:total]
+        np.multiply(batch.block_table[row_of_token, positions // block_size], block_size, out=slot_mapping,
+                    dtype=np.int64)
+        slot_mapping += positions % block_size
+        seq_lens = buf.np["seq_lens"][:n]
+        np.add(starts, counts, out=seq_lens)
+        buf.np["block_tables"][: n * width].reshape(n, width)[:] = batch.block_table[rows, :width]
+        buf.upload()
+        dev = buf.dev
+        md = AttentionMetadata(
+            num_actual_tokens=total, max_query_len=int(counts.max()), max_seq_len=int(seq_lens.max()),
+            query_start_loc=dev["query_start_loc"][: n + 1], seq_lens=dev["seq_lens"][:n],
+            block_tables=dev["block_tables"][: n * width].view(n, width), slot_mapping=dev["slot_mapping"][:total],
+            query_start_loc_cpu=buf.host["query_start_loc"][: n + 1], seq_lens_cpu=buf.host["seq_lens"][:n])
+        hidden = self.model(dev["input_ids"][:total], dev["positions"][:total], md)
+        return hidden, query_start_loc, seq_lens
+
     def _sample(self, output: ModelRunnerOutput, hidden: torch.Tensor, so: SchedulerOutput,
                 sample_rows: np.ndarray, query_ends: np.ndarray) -> dict[int, list[int]]:
         """Tokens for the rows whose known tokens are all computed: one sampled token, or the
@@ -144,7 +217,7 @@ class ModelRunner:
         num_logits = np.asarray([len(d) + 1 for d in drafts], dtype=np.int64)
         # the last len(d) + 1 positions of each sampling row's query
         logits_indices = np.repeat(query_ends - num_logits, num_logits) + _ranges(num_logits)
-        logits = self.model.compute_logits(hidden[torch.from_numpy(logits_indices).to(self.device)])
+        logits = self.model.compute_logits(hidden[torch.from_numpy(logits_indices).to(self.device, non_blocking=True)])
         virtual_rows = np.repeat(sample_rows, num_logits)
         outputs = [batch.rows[r].output_token_ids + list(d[:j]) for r, d in zip(sample_rows, drafts)
                    for j in range(len(d) + 1)]
@@ -240,7 +313,7 @@ class ModelRunner:
         if end <= begin:
             return
         logits = self.model.compute_logits(hidden[offset + begin - start: offset + end - start])
-        targets = torch.from_numpy(batch.token_ids[row, begin + 1: end + 1]).to(self.device)
+        targets = torch.from_numpy(batch.token_ids[row, begin + 1: end + 1]).to(self.device, non_blocking=True)
         k = batch.rows[row].params.prompt_logprobs
         tensors = compute_logprobs_tensors(torch.log_softmax(logits, dim=-1), targets, k)
         output.prompt_logprobs[req_id] = to_logprobs(tensors, [k] * (end - begin), merge=True)
@@ -256,7 +329,7 @@ class ModelRunner:
         greedy = temperature == 0.0
 
         def column(values: np.ndarray, default: float) -> torch.Tensor | None:
-            return None if np.all(values == default) else torch.from_numpy(values.copy()).to(dev)
+            return None if np.all(values == default) else torch.from_numpy(values.copy()).to(dev, non_blocking=True)
 
         repetition = column(batch.repetition_penalty[rows], 1.0)
         prompt_ids = None
@@ -265,7 +338,7 @@ class ModelRunner:
             prompt_ids = torch.full((len(rows), width), self.vocab_size, dtype=torch.int64)
             for i, s in enumerate(states):
                 prompt_ids[i, : len(s.prompt_token_ids)] = torch.tensor(s.prompt_token_ids)
-            prompt_ids = prompt_ids.to(dev)
+            prompt_ids = prompt_ids.to(dev, non_blocking=True)
         allowed_mask = None
         if any(s.params.allowed_token_ids for s in states):
             allowed_mask = torch.zeros((len(rows), self.vocab_size), dtype=torch.bool)
@@ -273,7 +346,7 @@ class ModelRunner:
                 if s.params.allowed_token_ids:
                     allowed_mask[i] = True
                     allowed_mask[i, s.params.allowed_token_ids] = False
-            allowed_mask = allowed_mask.to(dev)
+            allowed_mask = allowed_mask.to(dev, non_blocking=True)
         min_tokens = {}
         for i, s in enumerate(states):
             if s.params.min_tokens and len(outputs[i]) < s.params.min_tokens:
@@ -283,7 +356,7 @@ class ModelRunner:
                 min_tokens[i] = (s.params.min_tokens, stop_ids)
         wanted = [s.params.logprobs for s in states if s.params.logprobs is not None]
         return SamplingMetadata(
-            temperature=torch.from_numpy(temperature.copy()).to(dev),
+            temperature=torch.from_numpy(temperature.copy()).to(dev, non_blocking=True),
             all_greedy=bool(greedy.all()), all_random=bool((~greedy).all()),
             top_p=column(batch.top_p[rows], 1.0), top_k=column(batch.top_k[rows], 0),
             min_p=column(batch.min_p[rows], 0.0),

@@ -162,7 +162,8 @@ BYTE_LEVEL_VOCAB_SIZE = 352  # the logits width: padded past the tokenizer, as r
 
 def byte_level_config(**overrides) -> transformers.LlamaConfig:
     """A tiny Llama config for the byte-level tokenizer (EOS and BOS are ``<eos>``, id 0)."""
-    options = dict(_BASE, vocab_size=BYTE_LEVEL_VOCAB_SIZE, bos_token_id=BYTE_LEVEL_EOS_TOKEN_ID,
+    options = dict(_BASE, vocab_size=BYTE_LEVEL_VOCAB_SIZE, max_position_embeddings=512,
+                   bos_token_id=BYTE_LEVEL_EOS_TOKEN_ID,
                    eos_token_id=BYTE_LEVEL_EOS_TOKEN_ID, num_attention_heads=4, num_key_value_heads=2,
                    tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
     return transformers.LlamaConfig(**{**options, **overrides})

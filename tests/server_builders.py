@@ -12,7 +12,7 @@ from pathlib import Path
 
 import uvicorn
 
-from builders import TINY_CONFIGS, make_checkpoint
+from builders import TINY_CONFIGS, make_byte_level_checkpoint, make_checkpoint
 from tokenmill.config import EngineConfig
 from tokenmill.llm_engine import LLMEngine
 from tokenmill.server import AsyncEngine, ServerMetrics, build_app
@@ -79,3 +79,18 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
             return True
         time.sleep(interval)
     return predicate()
+
+
+# structured outputs need a tokenizer that can spell JSON: a byte-level checkpoint, and room for the
+# random model's output (xgrammar lets it put any whitespace between JSON tokens)
+BYTE_LEVEL_ENGINE_OPTIONS = dict(max_model_len=384, num_gpu_blocks_override=256, max_num_batched_tokens=512)
+
+
+def make_byte_level_model(path: Path, seed: int = 2) -> Path:
+    """A tiny random Llama checkpoint with the byte-level BPE tokenizer (``<eos>`` = id 0)."""
+    make_byte_level_checkpoint(path, seed=seed)
+    return path
+
+
+def make_byte_level_engine(model: Path, **options) -> LLMEngine:
+    return make_engine(model, **{**BYTE_LEVEL_ENGINE_OPTIONS, **options})

@@ -13,7 +13,8 @@ import jsonschema
 import openai
 import pytest
 
-from server_builders import MODEL_NAME, make_engine, make_tiny_model, run_server, wait_until
+from server_builders import (MODEL_NAME, make_byte_level_engine, make_byte_level_model, make_engine,
+                             make_tiny_model, run_server, wait_until)
 from tokenmill.config import DEFAULT_MODEL
 
 pytestmark = pytest.mark.timeout(120)
@@ -136,17 +137,6 @@ def test_stop_sequence_ends_the_text_before_it(client):
 
     assert choice.finish_reason == "stop"
     assert choice.text == full[:full.index(stop)]
-
-
-def test_json_schema_response_format_gives_matching_json(client):
-    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
-              "required": ["name", "age"], "additionalProperties": False}
-
-    response = client.chat.completions.create(
-        messages=[{"role": "user", "content": "w5 w6"}], max_tokens=100,
-        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}, **GREEDY)
-
-    jsonschema.validate(json.loads(response.choices[0].message.content), schema)
 
 
 # ---------------------------------------------------------------- chat
@@ -323,6 +313,131 @@ def test_oversized_headers_are_refused(server):
 
     assert status in (400, None)
     assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+# ---------------------------------------------------------------- structured outputs
+# The word tokenizer cannot spell JSON: these tests get a server on a byte-level checkpoint,
+# whose random output only the grammar keeps valid. Schemas are bounded so that it finishes.
+
+BYTE_PROMPT = "cat dog"
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def byte_server(tmp_path_factory):
+    with run_server(make_byte_level_engine(make_byte_level_model(tmp_path_factory.mktemp("byte")))) as running:
+        yield running
+
+
+@pytest.fixture
+def byte_client(byte_server):
+    return openai.OpenAI(base_url=byte_server.api_url, api_key="unused", max_retries=0)
+
+
+def test_json_schema_response_format_gives_matching_json(byte_client):
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+
+    response = byte_client.chat.completions.create(
+        messages=[{"role": "user", "content": "w5 w6"}], max_tokens=100,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}, **GREEDY)
+
+    assert response.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(response.choices[0].message.content), schema)
+
+
+def test_json_object_response_format_gives_json(byte_client):
+    response = byte_client.chat.completions.create(
+        messages=[{"role": "user", "content": BYTE_PROMPT}], max_tokens=300,
+        response_format={"type": "json_object"}, **GREEDY)
+
+    assert response.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(response.choices[0].message.content), (dict, list))
+
+
+GUIDED_COMPLETIONS = [  # (the request fields, a check of the text)
+    ({"guided_json": PERSON}, lambda text: jsonschema.validate(json.loads(text), PERSON)),
+    ({"guided_json": json.dumps(PERSON)}, lambda text: jsonschema.validate(json.loads(text), PERSON)),
+    ({"guided_regex": r"[a-z]{2,5}-\d{1,3}"}, lambda text: re.fullmatch(r"[a-z]{2,5}-\d{1,3}", text)),
+    ({"guided_choice": ["yes", "no", "maybe"]}, lambda text: text in ("yes", "no", "maybe")),
+    ({"guided_grammar": 'root ::= "(" [0-9]{1,3} ("+" [0-9]{1,3}){0,3} ")"'},
+     lambda text: re.fullmatch(r"\(\d{1,3}(\+\d{1,3}){0,3}\)", text)),
+    ({"structured_outputs": {"choice": ["red", "green"]}}, lambda text: text in ("red", "green")),
+    ({"structured_outputs": {"json": PERSON}}, lambda text: jsonschema.validate(json.loads(text), PERSON)),
+]
+
+
+@pytest.mark.parametrize("fields,check", GUIDED_COMPLETIONS, ids=[next(iter(f)) + str(i)
+                                                                  for i, (f, _) in enumerate(GUIDED_COMPLETIONS)])
+@pytest.mark.parametrize("sampling", [{"temperature": 0.0}, {"temperature": 1.0, "seed": 0}], ids=["greedy", "seeded"])
+def test_guided_completion_fields_constrain_the_text(byte_client, fields, check, sampling):
+    response = byte_client.completions.create(model=MODEL_NAME, prompt=BYTE_PROMPT, max_tokens=300, extra_body=fields,
+                                              **sampling)
+
+    [choice] = response.choices
+    assert choice.finish_reason == "stop", choice.text
+    assert check(choice.text) is not False
+
+
+def test_streamed_guided_completion_adds_up_to_valid_json(byte_client):
+    chunks = list(byte_client.completions.create(model=MODEL_NAME, prompt=BYTE_PROMPT, max_tokens=300, stream=True,
+                                                 extra_body={"guided_json": PERSON}, temperature=0.0))
+
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    jsonschema.validate(json.loads(text), PERSON)
+
+
+def test_guided_n_choices_are_each_valid(byte_client):
+    response = byte_client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": BYTE_PROMPT}], n=2, max_tokens=300, temperature=1.0,
+        seed=1, extra_body={"guided_choice": ["yes", "no", "maybe"]})
+
+    assert sorted(c.index for c in response.choices) == [0, 1]
+    assert all(c.message.content in ("yes", "no", "maybe") and c.finish_reason == "stop" for c in response.choices)
+
+
+BAD_STRUCTURED = [  # (fields, the param the 400 names, words of the message)
+    ({"guided_json": {"type": "objekt"}}, "guided_json", ["objekt"]),
+    ({"guided_json": "{not json"}, "guided_json", ["not a valid JSON document"]),
+    ({"guided_json": {"type": "array", "uniqueItems": True}}, "guided_json", ["uniqueItems"]),
+    ({"guided_regex": "foo**"}, "guided_regex", ["regex"]),
+    ({"guided_choice": []}, "guided_choice", ["choice"]),
+    ({"guided_grammar": "root ::= foo"}, "guided_grammar", ["grammar"]),
+    ({"structured_outputs": {"regex": "(?=a)b"}}, "structured_outputs", ["lookaround"]),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", ["exactly one"]),
+    ({"structured_outputs": {"yaml": "a"}}, "structured_outputs.yaml", []),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}},
+     "response_format", ["objekt"]),
+    ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex", ["one field"]),
+]
+
+
+@pytest.mark.parametrize("fields,param,words", BAD_STRUCTURED,
+                         ids=[f"{p}{i}" for i, (_, p, _) in enumerate(BAD_STRUCTURED)])
+def test_bad_structured_output_is_a_400_naming_the_parameter(byte_server, fields, param, words):
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": BYTE_PROMPT}], "max_tokens": 8, **fields}
+
+    response = httpx.post(f"{byte_server.api_url}/chat/completions", json=body)
+
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    for word in words:
+        assert word in error["message"], (word, error["message"])
+
+
+def test_the_server_keeps_serving_after_a_bad_schema(byte_server, byte_client):
+    with pytest.raises(openai.BadRequestError):
+        byte_client.completions.create(model=MODEL_NAME, prompt=BYTE_PROMPT, extra_body={"guided_json": {"type": "x"}})
+
+    response = byte_client.completions.create(model=MODEL_NAME, prompt=BYTE_PROMPT, max_tokens=300, temperature=0.0,
+                                              extra_body={"guided_choice": ["yes", "no"]})
+
+    assert response.choices[0].text in ("yes", "no") and response.choices[0].finish_reason == "stop"
+    assert wait_until(lambda: engine_is_idle(byte_server))
+    assert byte_server.engine.stats["num_grammars_compiling"] == 0
 
 
 # ---------------------------------------------------------------- metrics

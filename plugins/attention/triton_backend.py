@@ -59,6 +59,7 @@ class TritonAttentionBackend(AttentionBackend):
     supported_dtypes = (torch.float16, torch.bfloat16, torch.float32)
     supported_head_sizes = (64, 96, 128, 256)
     supported_block_sizes = (16, 32, 64)
+    supports_cuda_graphs = True  # a decode launch neither syncs nor allocates once the workspace exists
 
     def __init__(self, *, num_kv_splits: int | None = None, **kwargs) -> None:
         """``num_kv_splits``: None picks per step (see the module docstring); n >= 1 always uses n."""
@@ -77,6 +78,7 @@ class TritonAttentionBackend(AttentionBackend):
         self._num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
                          if self.device.type == "cuda" else None)
         self._workspace = torch.empty(0, dtype=torch.float32)
+        self._retired_workspaces: list[torch.Tensor] = []
 
     @classmethod
     def unsupported_reason(cls, *, head_size: int | None = None, dtype: torch.dtype | None = None,
@@ -123,6 +125,8 @@ class TritonAttentionBackend(AttentionBackend):
     def _split_workspace(self, num_tokens: int, num_splits: int, device: torch.device) -> torch.Tensor:
         needed = self._split_workspace_numel(num_tokens, self.num_heads, num_splits, self.head_size)
         if self._workspace.numel() < needed or self._workspace.device != device:
+            if self._workspace.numel():  # a captured CUDA graph may still write to it: keep it alive
+                self._retired_workspaces.append(self._workspace)
             self._workspace = torch.empty(
                 max(needed, self._split_workspace_numel(_SPLIT_MAX_TOKENS, self.num_heads, _MAX_SPLITS,
                                                         self.head_size)),
