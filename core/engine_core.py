@@ -155,7 +155,7 @@ class EngineCore:
                                                   for r in self.scheduler.waiting)
         failed = self.structured.update_waiting(block=idle)
         if failed:
-            self.scheduler.finish_requests(failed, RequestStatus.FINISHED_ABORTED)
+            self.scheduler.fail_requests(failed)
         scheduler_output = self.scheduler.schedule()
         self.structured.grammar_bitmask(scheduler_output, self.scheduler.requests)
         runner_output = self.runner.execute(scheduler_output)

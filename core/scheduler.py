@@ -62,7 +62,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._finished_req_ids: set[str] = set()  # since the last schedule()
-        self._ignored: list[Request] = []  # FINISHED_IGNORED, reported by the next update
+        # finished before running (FINISHED_IGNORED, or failed), reported by the next update
+        self._ignored: list[Request] = []
         self.num_preemptions = 0
         self.spec_num_draft_tokens = 0
         self.spec_num_accepted_tokens = 0
@@ -105,6 +106,18 @@ class Scheduler:
             request.status = finished_status
             self._free(request)
         return [request.request_id for request in ended]
+
+    def fail_requests(self, request_ids: Iterable[str]) -> list[str]:
+        """End waiting requests that cannot run (a grammar that failed to compile) with finish
+        reason "abort"; unlike ``finish_requests`` the next ``update_from_output`` reports them,
+        so their consumers are told."""
+        ids = [i for i in request_ids if i in self.requests and not self.requests[i].is_finished]
+        self.waiting = deque(r for r in self.waiting if r.request_id not in set(ids))
+        for req_id in ids:
+            request = self.requests[req_id]
+            request.status = RequestStatus.FINISHED_ABORTED
+            self._ignored.append(request)
+        return ids
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -261,29 +274,28 @@ class Scheduler:
         """Append tokens one by one; the first that stops the request (a stop condition, or
         the end of its grammar) is the last one kept."""
         for count, token_id in enumerate(sampled, 1):
+            # the grammar first: a token it refuses must not be emitted, nor pass for an EOS
+            if request.grammar is not None and not request.grammar.accept_tokens([token_id]):
+                self._refused_by_grammar(request, token_id)
+                return sampled[:count - 1]
             request.append_output_token_ids([token_id])
             stopped = check_stop(request, self.max_model_len)
-            if request.grammar is not None and not stopped:
-                stopped = self._advance_grammar(request, token_id)
+            if not stopped and request.grammar is not None and request.grammar.is_terminated():
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = token_id
+                stopped = True
             if stopped:
                 return sampled[:count]
         return sampled
 
     @staticmethod
-    def _advance_grammar(request: Request, token_id: int) -> bool:
-        """Feed an emitted token to the request's matcher; True if that ends the request."""
-        if not request.grammar.accept_tokens([token_id]):
-            # the bitmask forbade it, so only a decoder bug gets here: end rather than emit junk
-            logger.error("request %s: token %d was emitted but its grammar refuses it; aborting the request",
-                         request.request_id, token_id)
-            request.status = RequestStatus.FINISHED_ABORTED
-            return True
-        if request.grammar.is_terminated():
-            request.status = RequestStatus.FINISHED_STOPPED
-            if token_id != request.eos_token_id:
-                request.stop_reason = token_id
-            return True
-        return False
+    def _refused_by_grammar(request: Request, token_id: int) -> None:
+        """The bitmask allows only what the grammar accepts, so this happens only when other
+        options (allowed_token_ids, bad words, min_tokens, logit_bias of -inf) masked every
+        token the grammar allows: the row was all -inf. End the request rather than emit junk."""
+        logger.warning("request %s: no token satisfies both its grammar and its other sampling options "
+                       "(sampled %d, which the grammar refuses); aborting it", request.request_id, token_id)
+        request.status = RequestStatus.FINISHED_ABORTED
 
     def _free(self, request: Request) -> None:
         self.kv_cache_manager.free(request)

@@ -472,8 +472,6 @@ def test_abort_while_waiting_for_grammar_leaves_nothing_behind(llm):
     assert llm.generate(PROMPTS[0], guided("choice", "greedy"), use_tqdm=False)[0].outputs[0].text in CHOICES
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: EngineCore.step finishes a request whose grammar failed to "
-                                       "compile without emitting an output, so the output processor waits forever")
 def test_a_grammar_that_fails_to_compile_after_validation_aborts_its_request(llm, monkeypatch):
     engine = llm.engine
     decoder = engine.core.structured.decoder
@@ -498,9 +496,6 @@ def test_a_grammar_that_fails_to_compile_after_validation_aborts_its_request(llm
     assert [(o.request_id, o.outputs[0].finish_reason) for o in finals] == [("doomed", "abort")]
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: when other options mask every token the grammar allows, the "
-                                       "all -inf row samples token 0 (EOS here) and check_stop ends the request "
-                                       "with finish reason 'stop' before the grammar can refuse it")
 def test_options_that_leave_no_grammar_token_do_not_pass_for_a_completed_grammar(llm):
     tokenizer = llm.get_tokenizer()
     params = SamplingParams(max_tokens=8, temperature=0.0, allowed_token_ids=tokenizer.encode("zzz"),

@@ -97,6 +97,12 @@ _REGEX_DOT = r"[\x00-\x09\x0b-\ud7ff\ue000-" + "\U0010ffff]"  # Python re's ``.`
 _JSON_CHAR = r"[\x20\x21\x23-\x5b\x5d-\ud7ff\ue000-" + "\U0010ffff]"  # what a JSON string holds unescaped
 
 
+def _xgrammar_message(exc: Exception) -> str:
+    """xgrammar's own message: the last line, without its log prefix ("[12:00:00] file.cc:83: ")."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", line)
+
+
 def _reject(message: str) -> UnsupportedStructuredOutput:
     return UnsupportedStructuredOutput(f"structured_outputs (xgrammar, no fallback): {message}")
 
@@ -494,21 +500,19 @@ class XGrammarDecoder(GuidedDecoder):
             if not isinstance(spec.grammar, str):
                 raise _reject(f"grammar must be an EBNF string, got {type(spec.grammar).__name__}")
             build = partial(xgr.Grammar.from_ebnf, spec.grammar)
-        else:
-            build = xgr.Grammar.builtin_json_grammar
+        else:  # JSON mode means a JSON object (as OpenAI's), not any JSON value
+            build = partial(xgr.Grammar.from_json_schema, '{"type": "object"}', any_whitespace=True)
         try:
             return build()
-        except RuntimeError as exc:  # xgrammar's parse errors: keep the last line, its actual message
-            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-            raise _reject(f"xgrammar cannot compile the {mode} spec: {detail}") from exc
+        except RuntimeError as exc:
+            raise _reject(f"xgrammar cannot compile the {mode} spec: {_xgrammar_message(exc)}") from exc
 
     def _compile(self, spec: StructuredOutputsParams) -> xgr.CompiledGrammar:
         grammar = self._grammar(spec)
         try:
             return self._compiler.compile_grammar(grammar)
         except RuntimeError as exc:
-            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-            raise _reject(f"xgrammar cannot compile the {spec.mode} spec: {detail}") from exc
+            raise _reject(f"xgrammar cannot compile the {spec.mode} spec: {_xgrammar_message(exc)}") from exc
 
     @staticmethod
     def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, indices: list[int] | None = None) -> None:
