@@ -22,12 +22,15 @@ def _features(args: argparse.Namespace) -> int:
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for name in ("model", "dtype", "max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens",
-                 "attention_backend", "device", "seed", "load_format", "num_gpu_blocks_override"):
+                 "attention_backend", "device", "seed", "load_format", "num_gpu_blocks_override",
+                 "gpu_memory_utilization"):
         value = getattr(args, name)
         if value is not None:
             options[name] = value
     if args.no_prefix_caching:
         options["enable_prefix_caching"] = False
+    if args.enforce_eager:
+        options["enforce_eager"] = True
     if args.speculative_config:
         options["speculative_config"] = json.loads(args.speculative_config)
     for item in args.option:
@@ -125,6 +128,8 @@ def _add_engine_arguments(parser: argparse.ArgumentParser, sampling: bool = True
     g.add_argument("--seed", type=int)
     g.add_argument("--load-format")
     g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: every step runs eagerly")
+    g.add_argument("--gpu-memory-utilization", type=float)
     g.add_argument("--speculative-config", help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
     g.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                    help="any other engine option (value parsed as JSON when it can be)")

@@ -28,6 +28,11 @@ ENGINE_FEATURES: tuple[tuple[str, str, str], ...] = (
     ("speculative_decoding", "supported", "drafts scheduled within the token budget, verified in one forward "
                                           "pass by a rejection sampler (greedy: exact match; sampled: the "
                                           "standard rule for a deterministic drafter), with structured outputs"),
+    ("cuda_graphs", "supported", "CUDA only, with a graph-capturable attention backend (triton): decode steps "
+                                 "replay graphs captured for a ladder of batch sizes; enforce_eager=True turns "
+                                 "them off"),
+    ("gpu_memory_budget", "supported", "CUDA: KV cache sized from gpu_memory_utilization after a profiling "
+                                       "pass of the largest step"),
     ("structured_outputs", "supported", "grammars compiled in a thread pool (the request waits, others run); "
                                         "bad specs rejected when added; no fallback to unconstrained decoding"),
 )
