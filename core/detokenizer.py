@@ -60,6 +60,7 @@ class IncrementalDetokenizer:
         self.stop_buffer_length = (0 if include_stop_str_in_output or not self.stop
                                    else max(map(len, self.stop)) - 1)
         self.output_token_ids: list[int] = []
+        self.num_taken_tokens = 0  # of the last update's tokens
         self._output_text = ""
         self._num_streamed_chars = 0
         self._stream = _primed_stream(backend, list(prompt_token_ids), skip_special_tokens)
@@ -83,20 +84,38 @@ class IncrementalDetokenizer:
 
     def update(self, new_token_ids: Sequence[int], stop_terminated: bool) -> str | None:
         """Detokenize the request's new output tokens, in order; return the stop string they completed.
+        ``num_taken_tokens`` then says how many of them belong to the output (those up to the
+        one completing the stop string; all of them otherwise).
 
         On a match the output text is cut at the start of the stop string (after
         it with ``include_stop_str_in_output``); the caller finishes the request
         with that string as its stop reason. Returns None when no stop string matched.
         """
+        self.num_taken_tokens = 0
         if not new_token_ids:
             return None
         new_token_ids = list(new_token_ids)
         skipped_stop_token = stop_terminated and not self.include_stop_str_in_output
         decoded_ids = new_token_ids[:-1] if skipped_stop_token else new_token_ids
-        num_checked_chars = len(self._output_text)
-        self._output_text += "".join(self._decode_next(token_id) for token_id in decoded_ids)
-        self.output_token_ids.extend(new_token_ids)
-        return self._check_stop_strings(num_checked_chars)
+        if not self.stop:
+            self._output_text += "".join(self._decode_next(token_id) for token_id in decoded_ids)
+            self.output_token_ids.extend(new_token_ids)
+            self.num_taken_tokens = len(new_token_ids)
+            return None
+        # token by token: when one step brings several tokens (speculative decoding), the
+        # tokens after the one that completes a stop string are not part of the output
+        for token_id in decoded_ids:
+            num_checked_chars = len(self._output_text)
+            self._output_text += self._decode_next(token_id)
+            self.output_token_ids.append(token_id)
+            self.num_taken_tokens += 1
+            stop_str = self._check_stop_strings(num_checked_chars)
+            if stop_str is not None:
+                return stop_str
+        if skipped_stop_token:
+            self.output_token_ids.append(new_token_ids[-1])
+            self.num_taken_tokens += 1
+        return None
 
     def get_next_output_text(self, finished: bool, delta: bool) -> str:
         """The text to emit now: all of it (``delta=False``) or only what is new since the last delta call.

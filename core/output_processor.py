@@ -107,14 +107,16 @@ class OutputProcessor:
         return results, to_stop
 
     def _update_child(self, child: _Child, out: EngineCoreOutput, to_stop: list[str]) -> None:
-        child.token_ids.extend(out.new_token_ids)
-        if out.new_logprobs is not None and child.logprobs is not None:
-            entries = logprobs_to_dicts(out.new_logprobs, self._decode)
-            child.logprobs.extend(entries)
-            child.cumulative_logprob += sum(e[t].logprob for e, t in zip(entries, out.new_token_ids))
         # ended by EOS or a stop token id: that last token is not part of the text
         stop_terminated = out.finish_reason == "stop" and (out.stop_reason is None or isinstance(out.stop_reason, int))
         stop_string = child.detokenizer.update(out.new_token_ids, stop_terminated)
+        # a stop string may end before the last of several new tokens: the rest is dropped
+        new_token_ids = out.new_token_ids[:child.detokenizer.num_taken_tokens]
+        child.token_ids.extend(new_token_ids)
+        if out.new_logprobs is not None and child.logprobs is not None:
+            entries = logprobs_to_dicts(out.new_logprobs, self._decode)[:len(new_token_ids)]
+            child.logprobs.extend(entries)
+            child.cumulative_logprob += sum(e[t].logprob for e, t in zip(entries, new_token_ids))
         if stop_string is not None and out.finish_reason is None:
             child.finish_reason, child.stop_reason = "stop", stop_string
             to_stop.append(child.request.request_id)

@@ -289,8 +289,6 @@ def test_stop_tokens_and_max_tokens_inside_an_accepted_run_match_spec_off(checkp
     check_stops_with_oracle(checkpoint[0], plain, plugin_registry, token_stop_params)
 
 
-@pytest.mark.xfail(strict=True, reason="core/output_processor.py keeps the tokens (and logprobs) after the token "
-                                       "that completes a stop string when one step emits several tokens")
 def test_stop_strings_inside_an_accepted_run_match_spec_off(checkpoint, plain, plugin_registry):  # noqa: F811
     check_stops_with_oracle(checkpoint[0], plain, plugin_registry, string_stop_params)
 
