@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .logprobs import LogprobsTensors, compute_logprobs, compute_logprobs_tensors
-from .sampler import apply_logits_processors, apply_min_p, apply_top_k_top_p, exponential_race
-from .sampling_metadata import SAMPLING_EPS, SamplingMetadata
+from .logprobs import LogprobsTensors, compute_logprobs_tensors
+from .sampler import exponential_race, process_logits
+from .sampling_metadata import SamplingMetadata
 
 _NEG_INF = float("-inf")
 
@@ -74,37 +74,29 @@ class RejectionSampler:
         draft = torch.tensor(drafts_flat, dtype=torch.int64, device=device)  # [N]
         has_draft = draft >= 0
 
-        logits = logits.to(torch.float32, copy=True)
-        wants_logprobs = metadata.max_num_logprobs is not None
-        lp_source = compute_logprobs(logits) if wants_logprobs and metadata.logprobs_mode == "raw" else None
-        apply_logits_processors(logits, metadata)
-
-        greedy_token = logits.argmax(dim=-1)  # [N]
+        processed = process_logits(logits, metadata)
+        greedy = processed.greedy
         if metadata.all_greedy:
-            if wants_logprobs and lp_source is None:
-                lp_source = compute_logprobs(logits)
-            accepted = has_draft & (greedy_token == draft)
-            emitted = torch.where(accepted, draft, greedy_token)
+            accepted = has_draft & (greedy == draft)
+            emitted = torch.where(accepted, draft, greedy)
         else:
-            is_greedy = metadata.temperature < SAMPLING_EPS
-            logits.div_(metadata.temperature.masked_fill(is_greedy, 1.0).unsqueeze(1))
-            if wants_logprobs and lp_source is None:
-                lp_source = compute_logprobs(logits)
-            if metadata.min_p is not None:
-                apply_min_p(logits, metadata.min_p)
-            logits = apply_top_k_top_p(logits, metadata.top_k, metadata.top_p)
-            probs = logits.softmax(dim=-1)  # [N, V]
+            probs = processed.logits.softmax(dim=-1)  # [N, V]
             safe_draft = draft.clamp_min(0).unsqueeze(1)
             draft_prob = probs.gather(1, safe_draft).squeeze(1)  # [N]
             uniform = self._uniform(num_rows, metadata.generators, [d >= 0 for d in drafts_flat], device)
-            accepted = has_draft & torch.where(is_greedy, greedy_token == draft, uniform < draft_prob)
+            passes = uniform < draft_prob
+            if greedy is not None:
+                passes = torch.where(processed.is_greedy, greedy == draft, passes)
+            accepted = has_draft & passes
             # The residual of a deterministic drafter: the target distribution without the draft.
             # A row whose whole mass sits on its draft always accepts it, so it keeps its logits.
-            residual = logits.scatter(1, safe_draft, _NEG_INF)
+            residual = processed.logits.scatter(1, safe_draft, _NEG_INF)
             keep = ~has_draft | (draft_prob >= 1.0)
-            residual = torch.where(keep.unsqueeze(1), logits, residual)
-            sampled = exponential_race(residual, metadata.generators)
-            emitted = torch.where(accepted, draft, torch.where(is_greedy, greedy_token, sampled))
+            residual = torch.where(keep.unsqueeze(1), processed.logits, residual)
+            corrected = exponential_race(residual, metadata.generators)
+            if greedy is not None:
+                corrected = torch.where(processed.is_greedy, greedy, corrected)
+            emitted = torch.where(accepted, draft, corrected)
 
         accepted_list = accepted.tolist()
         emitted_list = emitted.tolist()
@@ -117,8 +109,8 @@ class RejectionSampler:
                     break
             token_ids.append(tokens)
         logprobs = None
-        if wants_logprobs:
-            logprobs = compute_logprobs_tensors(lp_source, emitted, metadata.max_num_logprobs)
+        if processed.logprobs is not None:
+            logprobs = compute_logprobs_tensors(processed.logprobs, emitted, metadata.max_num_logprobs)
         return RejectionOutput(token_ids, first_rows, logprobs)
 
     @staticmethod

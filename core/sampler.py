@@ -24,9 +24,9 @@ from .sampling_metadata import SAMPLING_EPS, SamplingMetadata
 
 # The sampler's public face: the model runner needs nothing else from the three modules.
 __all__ = [
-    "LogprobsTensors", "Sampler", "SamplerOutput", "SamplingMetadata", "apply_logits_processors",
+    "LogprobsTensors", "ProcessedLogits", "Sampler", "SamplerOutput", "SamplingMetadata", "apply_logits_processors",
     "apply_min_p", "apply_top_k_top_p", "compute_logprobs", "compute_logprobs_tensors",
-    "exponential_race", "to_logprobs",
+    "exponential_race", "process_logits", "to_logprobs",
 ]
 
 _NEG_INF = float("-inf")
@@ -38,6 +38,41 @@ class SamplerOutput:
     logprobs: LogprobsTensors | None  # k = metadata.max_num_logprobs; None when no row asked
 
 
+@dataclass(slots=True)
+class ProcessedLogits:
+    """Logits ready to draw from, one row per metadata row (see the module diagram)."""
+
+    logits: torch.Tensor  # float32 [B, V]: masked and penalised; random rows also / temperature, truncated
+    greedy: torch.Tensor | None  # int64 [B]: argmax after masks and penalties; None when every row is random
+    is_greedy: torch.Tensor  # bool [B]
+    logprobs: torch.Tensor | None  # float32 [B, V] in the metadata's logprobs_mode; None when no row asked
+
+
+def process_logits(logits: torch.Tensor, metadata: SamplingMetadata) -> ProcessedLogits:
+    """Everything before the draw, shared by the sampler and the rejection sampler so that a
+    verified draft position sees exactly the distribution a plain step would. Does not modify
+    the caller's logits."""
+    logits = logits.to(torch.float32, copy=True)  # [B, V]; every stage below works in place
+    wants_logprobs = metadata.max_num_logprobs is not None
+    logprobs = compute_logprobs(logits) if wants_logprobs and metadata.logprobs_mode == "raw" else None
+
+    apply_logits_processors(logits, metadata)
+    greedy = None if metadata.all_random else logits.argmax(dim=-1)
+    is_greedy = metadata.temperature < SAMPLING_EPS  # [B]
+    if not metadata.all_greedy:
+        # Greedy rows divide by 1: their processed logprobs carry no temperature.
+        logits.div_(metadata.temperature.masked_fill(is_greedy, 1.0).unsqueeze(1))
+    # Processed logprobs are taken before truncation: after min-p/top-k/top-p most
+    # entries would be -inf and the top-k columns and ranks would say nothing.
+    if wants_logprobs and logprobs is None:
+        logprobs = compute_logprobs(logits)
+    if not metadata.all_greedy:
+        if metadata.min_p is not None:
+            apply_min_p(logits, metadata.min_p)
+        logits = apply_top_k_top_p(logits, metadata.top_k, metadata.top_p)
+    return ProcessedLogits(logits, greedy, is_greedy, logprobs)
+
+
 class Sampler:
     """Samples one token per row. Does not modify the caller's logits."""
 
@@ -46,42 +81,17 @@ class Sampler:
 
     def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         _check_inputs(logits, metadata)
-        logits = logits.to(torch.float32, copy=True)  # [B, V]; every stage below works in place
-        wants_logprobs = metadata.max_num_logprobs is not None
-        is_raw = wants_logprobs and metadata.logprobs_mode == "raw"
-        raw_logprobs = compute_logprobs(logits) if is_raw else None  # before anything changes them
-
-        apply_logits_processors(logits, metadata)
-        sampled, processed_logprobs = self._sample(logits, metadata)
-
-        if not wants_logprobs:
-            return SamplerOutput(sampled, None)
-        logprobs = raw_logprobs if raw_logprobs is not None else processed_logprobs
-        return SamplerOutput(sampled, compute_logprobs_tensors(logprobs, sampled, metadata.max_num_logprobs))
-
-    def _sample(self, logits: torch.Tensor,
-                metadata: SamplingMetadata) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns (token ids int64 [B], processed logprobs [B, V] or None)."""
-        wants_processed = metadata.max_num_logprobs is not None and metadata.logprobs_mode == "processed"
-        greedy = None if metadata.all_random else logits.argmax(dim=-1)
+        processed = process_logits(logits, metadata)
         if metadata.all_greedy:
-            return greedy, compute_logprobs(logits) if wants_processed else None
-
-        is_greedy = metadata.temperature < SAMPLING_EPS  # [B]
-        # Greedy rows divide by 1: their processed logprobs carry no temperature.
-        temperature = metadata.temperature.masked_fill(is_greedy, 1.0)
-        logits.div_(temperature.unsqueeze(1))
-        # Processed logprobs are taken before truncation: after min-p/top-k/top-p most
-        # entries would be -inf and the top-k columns and ranks would say nothing.
-        processed = compute_logprobs(logits) if wants_processed else None
-
-        if metadata.min_p is not None:
-            apply_min_p(logits, metadata.min_p)
-        logits = apply_top_k_top_p(logits, metadata.top_k, metadata.top_p)
-        sampled = exponential_race(logits, metadata.generators)
-        if greedy is not None:
-            sampled = torch.where(is_greedy, greedy, sampled)
-        return sampled, processed
+            sampled = processed.greedy
+        else:
+            sampled = exponential_race(processed.logits, metadata.generators)
+            if processed.greedy is not None:
+                sampled = torch.where(processed.is_greedy, processed.greedy, sampled)
+        if processed.logprobs is None:
+            return SamplerOutput(sampled, None)
+        return SamplerOutput(sampled, compute_logprobs_tensors(processed.logprobs, sampled,
+                                                               metadata.max_num_logprobs))
 
 
 def _check_inputs(logits: torch.Tensor, metadata: SamplingMetadata) -> None:
