@@ -168,5 +168,5 @@ class EngineCore:
         verify_steps = self.scheduler.spec_num_verify_steps
         # tokens emitted per verifying step: accepted drafts + the bonus/corrected token
         stats["spec_mean_accepted_length"] = (accepted + verify_steps) / verify_steps if verify_steps else 0.0
-        stats["num_grammars_compiling"] = len(self.structured._pending)
+        stats["num_grammars_compiling"] = self.structured.num_pending
         return stats

@@ -28,8 +28,8 @@ from .cuda_graphs import DecodeGraphRunner, StepBuffers, resolve_capture_sizes
 from .drafter import Drafter
 from .input_batch import InputBatch
 from .rejection_sampler import RejectionSampler
-from .sampler import Sampler, SamplingMetadata, compute_logprobs_tensors, to_logprobs
-from .step import ModelRunnerOutput, SchedulerOutput
+from .sampler import LogprobsTensors, Sampler, SamplingMetadata, compute_logprobs_tensors, to_logprobs
+from .step import Logprobs, ModelRunnerOutput, SchedulerOutput
 from .structured import apply_token_bitmask as _torch_apply_token_bitmask
 
 BitmaskApplier = Callable[[torch.Tensor, torch.Tensor, "list[int] | None"], None]
@@ -219,8 +219,9 @@ class ModelRunner:
         logits_indices = np.repeat(query_ends - num_logits, num_logits) + _ranges(num_logits)
         logits = self.model.compute_logits(hidden[torch.from_numpy(logits_indices).to(self.device, non_blocking=True)])
         virtual_rows = np.repeat(sample_rows, num_logits)
-        outputs = [batch.rows[r].output_token_ids + list(d[:j]) for r, d in zip(sample_rows, drafts)
-                   for j in range(len(d) + 1)]
+        # the output each logits row follows: a request's own list, then one copy per draft taken
+        outputs = [batch.rows[r].output_token_ids + list(d[:j]) if j else batch.rows[r].output_token_ids
+                   for r, d in zip(sample_rows, drafts) for j in range(len(d) + 1)]
         metadata = self._sampling_metadata(virtual_rows, outputs)
         self._apply_grammar(logits, so, sample_rows, num_logits)
         wanted_by_row = [batch.rows[r].params.logprobs for r in sample_rows]
@@ -237,8 +238,8 @@ class ModelRunner:
             self._sample_logprobs(output, lp_tensors, sample_rows, lp_rows, tokens, wanted_by_row)
         return dict(zip(sample_rows.tolist(), tokens))
 
-    def _sample_logprobs(self, output: ModelRunnerOutput, tensors, sample_rows: np.ndarray, first_rows: list[int],
-                         tokens: list[list[int]], wanted_by_row: list[int | None]) -> None:
+    def _sample_logprobs(self, output: ModelRunnerOutput, tensors: LogprobsTensors, sample_rows: np.ndarray,
+                         first_rows: list[int], tokens: list[list[int]], wanted_by_row: list[int | None]) -> None:
         """One logprobs row per emitted token, for the requests that asked."""
         select, wanted, owners = [], [], []
         for r, first, toks, k in zip(sample_rows.tolist(), first_rows, tokens, wanted_by_row):
@@ -249,13 +250,13 @@ class ModelRunner:
         if not select:
             return
         index = torch.tensor(select, device=tensors.token_ids.device)
-        picked = type(tensors)(tensors.token_ids[index], tensors.logprobs[index], tensors.ranks[index])
+        picked = LogprobsTensors(tensors.token_ids[index], tensors.logprobs[index], tensors.ranks[index])
         per_row = [k for (_, n), k in zip(owners, wanted) for _ in range(n)]
         merged = to_logprobs(picked, per_row, merge=True)
         start = 0
         for req_id, n in owners:
-            output.logprobs[req_id] = type(merged)(merged.token_ids[start:start + n],
-                                                   merged.logprobs[start:start + n], merged.ranks[start:start + n])
+            output.logprobs[req_id] = Logprobs(merged.token_ids[start:start + n], merged.logprobs[start:start + n],
+                                               merged.ranks[start:start + n])
             start += n
 
     def _apply_grammar(self, logits: torch.Tensor, so: SchedulerOutput, sample_rows: np.ndarray,

@@ -95,8 +95,10 @@ class StructuredOutputManager:
             request.status = RequestStatus.WAITING
         return failed
 
-    def has_pending(self) -> bool:
-        return bool(self._pending)
+    @property
+    def num_pending(self) -> int:
+        """Requests whose grammar is still compiling."""
+        return len(self._pending)
 
     def forget(self, request_ids: list[str]) -> None:
         for req_id in request_ids:

@@ -414,7 +414,7 @@ def test_bad_spec_is_a_value_error_naming_the_problem_and_nothing_is_queued(llm,
     for word in words:
         assert word in message, (word, message)
     assert_no_leaks(llm)
-    assert not llm.engine.core.structured.has_pending()
+    assert llm.engine.core.structured.num_pending == 0
     assert llm.engine.output_processor.num_unfinished() == 0
     assert llm.generate(PROMPTS[0], good, use_tqdm=False)[0].outputs[0].text == "yes"  # still serving
     assert_no_leaks(llm)
@@ -464,7 +464,7 @@ def test_abort_while_waiting_for_grammar_leaves_nothing_behind(llm):
     [final] = engine.abort_request(["waiting"])
 
     assert final.finished and final.outputs[0].finish_reason == "abort"
-    assert not engine.core.structured.has_pending()
+    assert engine.core.structured.num_pending == 0
     assert not engine.has_unfinished_requests()
     time.sleep(0.2)  # let the compile finish in the pool: nothing may come of it
     assert engine.step() == []
