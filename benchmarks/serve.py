@@ -28,6 +28,7 @@ import time
 import httpx
 import openai
 
+from tokenmill.cli import parse_option
 from tokenmill.config import DEFAULT_MODEL
 
 TOPICS = ["the sea", "a lighthouse", "mountains", "a robot", "bread", "the moon", "trains", "a garden",
@@ -110,12 +111,7 @@ def offline_tokens_per_s(args: argparse.Namespace) -> float:
     for flag in ("device", "dtype"):
         if getattr(args, flag):
             options[flag] = getattr(args, flag)
-    for option in args.option:
-        key, _, raw = option.partition("=")
-        try:
-            options[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            options[key] = raw
+    options.update(parse_option(item) for item in args.option)
     llm = LLM(args.model, **options)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     llm.generate(["warm up"], SamplingParams(max_tokens=4), use_tqdm=False)

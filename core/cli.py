@@ -33,13 +33,17 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
         options["enforce_eager"] = True
     if args.speculative_config:
         options["speculative_config"] = json.loads(args.speculative_config)
-    for item in args.option:
-        key, _, raw = item.partition("=")
-        try:
-            options[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            options[key] = raw
+    options.update(parse_option(item) for item in args.option)
     return options
+
+
+def parse_option(item: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` from ``-o``: the value parsed as JSON when it can be, else the string."""
+    key, _, raw = item.partition("=")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
 
 
 def _make_llm(args: argparse.Namespace):

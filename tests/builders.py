@@ -15,6 +15,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from tokenmill.llm import LLM
+from tokenmill.sampling_metadata import SAMPLING_EPS, SamplingMetadata
 
 VOCAB_SIZE = 128
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2
@@ -195,3 +196,13 @@ def make_byte_level_checkpoint(path: Path, config: transformers.PretrainedConfig
     hf_model.save_pretrained(path)
     hf_model.generation_config.eos_token_id = None  # as make_hf_model: the reference ignores EOS
     return hf_model
+
+
+def make_metadata(temperature: list[float], **overrides) -> SamplingMetadata:
+    """Metadata for len(temperature) rows with nothing but temperatures set."""
+    is_greedy = [t < SAMPLING_EPS for t in temperature]
+    fields = dict(temperature=torch.tensor(temperature, dtype=torch.float32),
+                  all_greedy=all(is_greedy), all_random=not any(is_greedy),
+                  output_token_ids=[[] for _ in temperature])
+    fields.update(overrides)
+    return SamplingMetadata(**fields)

@@ -9,23 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from builders import make_metadata
 from tokenmill.logprobs import compute_logprobs, compute_logprobs_tensors
 from tokenmill.rejection_sampler import RejectionSampler
 from tokenmill.sampler import Sampler, apply_logits_processors
-from tokenmill.sampling_metadata import SAMPLING_EPS, SamplingMetadata
+from tokenmill.sampling_metadata import SAMPLING_EPS
 
 NEG_INF = float("-inf")
 V = 8
-
-
-def make_metadata(temperature: list[float], **overrides) -> SamplingMetadata:
-    """Metadata for len(temperature) rows with nothing but temperatures set."""
-    is_greedy = [t < SAMPLING_EPS for t in temperature]
-    fields = dict(temperature=torch.tensor(temperature, dtype=torch.float32),
-                  all_greedy=all(is_greedy), all_random=not any(is_greedy),
-                  output_token_ids=[[] for _ in temperature])
-    fields.update(overrides)
-    return SamplingMetadata(**fields)
 
 
 def peaked_logits(argmax: list[int], vocab_size: int = V, seed: int = 0) -> torch.Tensor:

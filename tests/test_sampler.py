@@ -6,22 +6,13 @@ import math
 import pytest
 import torch
 
+from builders import make_metadata
 from tokenmill.logprobs import LogprobsTensors, compute_logprobs, compute_logprobs_tensors, to_logprobs
 from tokenmill.sampler import Sampler, apply_logits_processors
-from tokenmill.sampling_metadata import SAMPLING_EPS, SamplingMetadata
+from tokenmill.sampling_metadata import SamplingMetadata
 from tokenmill.step import Logprobs
 
 NEG_INF = float("-inf")
-
-
-def make_metadata(temperature: list[float], **overrides) -> SamplingMetadata:
-    """Metadata for len(temperature) rows with nothing but temperatures set."""
-    is_greedy = [t < SAMPLING_EPS for t in temperature]
-    fields = dict(temperature=torch.tensor(temperature, dtype=torch.float32),
-                  all_greedy=all(is_greedy), all_random=not any(is_greedy),
-                  output_token_ids=[[] for _ in temperature])
-    fields.update(overrides)
-    return SamplingMetadata(**fields)
 
 
 def logits_of(probs: list[float], num_rows: int = 1) -> torch.Tensor:
