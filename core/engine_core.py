@@ -157,8 +157,9 @@ class EngineCore:
         if failed:
             self.scheduler.fail_requests(failed)
         scheduler_output = self.scheduler.schedule()
-        self.structured.grammar_bitmask(scheduler_output, self.scheduler.requests)
+        grammar_failed = self.structured.grammar_bitmask(scheduler_output, self.scheduler.requests)
         runner_output = self.runner.execute(scheduler_output)
+        runner_output.drop_failed(grammar_failed)  # their tokens were drawn without a valid mask
         return self.scheduler.update_from_output(scheduler_output, runner_output)
 
     def stats(self) -> dict[str, int | float]:

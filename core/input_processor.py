@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
 from .request import Request
-from .sampling_params import SamplingParams, validate_prompt_token_ids
+from .sampling_params import SamplingParams, child_seed, validate_prompt_token_ids
+from .text import check_unicode
 
 # A prompt: text, token ids, {"prompt": text} or {"prompt_token_ids": [...]}
 PromptType = Union[str, Sequence[int], Mapping[str, Any]]
@@ -28,6 +29,7 @@ class InputProcessor:
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """(prompt text or None, prompt token ids)."""
         if isinstance(prompt, str):
+            check_unicode("prompt", prompt)
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, Mapping):
             unknown = set(prompt) - {"prompt", "prompt_token_ids", "cache_salt"}
@@ -67,22 +69,24 @@ class InputProcessor:
         if params.n == 1:
             children = [(request_id, params)]
         else:  # seeded children get distinct, reproducible streams
-            children = [(child_request_id(request_id, i),
-                         dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + i))
+            children = [(child_request_id(request_id, i), dataclasses.replace(
+                             params, n=1, seed=None if params.seed is None else child_seed(params.seed, i)))
                         for i in range(params.n)]
         return text, [Request(request_id=rid, prompt_token_ids=token_ids, sampling_params=p,
                               eos_token_id=self.eos_token_id, arrival_time=arrival, cache_salt=cache_salt)
                       for rid, p in children]
 
     def _bad_words(self, words: list[str] | None) -> list[list[int]] | None:
-        """Each bad word as token sequences, with and without a leading space."""
+        """Each bad word as token sequences, with and without a leading space. A sequence
+        holding an id the model cannot produce (a tokenizer larger than the vocabulary) can
+        never occur, so it is dropped."""
         if not words:
             return None
         sequences: list[list[int]] = []
         for word in words:
             for text in (word, " " + word.lstrip()):
                 ids = self.tokenizer.encode(text, add_special_tokens=False)
-                if ids and ids not in sequences:
+                if ids and ids not in sequences and max(ids) < self.vocab_size:
                     sequences.append(ids)
         return sequences
 

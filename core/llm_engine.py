@@ -53,9 +53,11 @@ class LLMEngine:
         return self.output_processor.num_unfinished() > 0 or self.core.has_unfinished_requests()
 
     def step(self) -> list[RequestOutput]:
-        outputs, to_stop = self.output_processor.process(self.core.step())
+        outputs, to_stop, to_fail = self.output_processor.process(self.core.step())
         if to_stop:  # stop strings found by the detokenizer end the requests in the core
             self.core.finish_requests(to_stop, RequestStatus.FINISHED_STOPPED)
+        if to_fail:
+            self.core.finish_requests(to_fail, RequestStatus.FINISHED_ERROR)
         return outputs
 
     def get_stats(self) -> dict[str, Any]:

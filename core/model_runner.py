@@ -18,21 +18,25 @@ sampled tokens back (logprobs, top-k alone and drafts add their own reads).
 """
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import numpy as np
 import torch
-
-from collections.abc import Callable
 
 from .attention import AttentionMetadata
 from .cuda_graphs import DecodeGraphRunner, StepBuffers, resolve_capture_sizes
 from .drafter import Drafter
-from .input_batch import InputBatch
+from .input_batch import InputBatch, RowState
 from .rejection_sampler import RejectionSampler
-from .sampler import LogprobsTensors, Sampler, SamplingMetadata, compute_logprobs_tensors, to_logprobs
-from .step import Logprobs, ModelRunnerOutput, SchedulerOutput
+from .request import RequestError
+from .sampler import NO_TOKEN, LogprobsTensors, Sampler, SamplingMetadata, compute_logprobs_tensors, to_logprobs
+from .step import Logprobs, ModelRunnerOutput, NewRequestData, SchedulerOutput
 from .structured import apply_token_bitmask as _torch_apply_token_bitmask
 
 BitmaskApplier = Callable[[torch.Tensor, torch.Tensor, "list[int] | None"], None]
+
+logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -99,31 +103,44 @@ class ModelRunner:
 
     # ------------------------------------------------------------ batch state
 
-    def _update_states(self, so: SchedulerOutput) -> None:
+    def _update_states(self, so: SchedulerOutput) -> dict[str, RequestError]:
+        """Apply the scheduler's changes to the persistent batch; returns the new requests
+        whose set-up failed (they get no row, and the scheduler ends them)."""
         for req_id in so.finished_req_ids:
             self._generators.pop(req_id, None)
             self._num_prompt_logprobs_done.pop(req_id, None)
         self.batch.remove_requests(so.finished_req_ids | so.preempted_req_ids)
+        failed = {}
         for new in so.scheduled_new_reqs:
             self.batch.remove_requests({new.req_id})
-            seed = new.sampling_params.seed
-            if seed is not None and new.req_id not in self._generators:
-                self._generators[new.req_id] = torch.Generator(self.device).manual_seed(seed)
-            self.batch.add_request(new, self._generators.get(new.req_id))
+            try:
+                self.batch.add_request(new, self._generator(new))
+            except Exception as exc:  # this request's own set-up: the rest of the batch goes on
+                logger.exception("request %s: setting up its sampling state failed", new.req_id)
+                self.batch.remove_requests({new.req_id})
+                failed[new.req_id] = RequestError(f"setting up the request's sampling state failed: {exc!r}")
         for cached in so.scheduled_cached_reqs:
             row = self.batch.req_id_to_row[cached.req_id]
             self.batch.append_blocks(row, cached.new_block_ids)
             self.batch.num_computed_tokens[row] = cached.num_computed_tokens
+        return failed
+
+    def _generator(self, new: NewRequestData) -> torch.Generator | None:
+        """The request's own generator when it is seeded; kept across preemption."""
+        seed = new.sampling_params.seed
+        if seed is not None and new.req_id not in self._generators:
+            self._generators[new.req_id] = torch.Generator(self.device).manual_seed(seed)
+        return self._generators.get(new.req_id)
 
     # ------------------------------------------------------------ one step
 
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
-        self._update_states(so)
+        failed = self._update_states(so)
         batch = self.batch
         rows = [r for r in range(batch.num_reqs) if so.num_scheduled_tokens.get(batch.rows[r].req_id, 0) > 0]
         if not rows:
-            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[], failed=failed)
         for req_id, drafts in so.scheduled_spec_decode_tokens.items():  # inputs past the known tokens
             row = batch.req_id_to_row[req_id]
             n = int(batch.num_tokens[row])
@@ -142,13 +159,18 @@ class ModelRunner:
         done = seq_lens >= batch.num_tokens[rows_arr]
         sample_rows = rows_arr[done]
         req_ids = [batch.rows[r].req_id for r in rows]
-        output = ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=[])
+        output = ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=[], failed=failed)
         sampled: dict[int, list[int]] = {}
         if len(sample_rows):
             sampled = self._sample(output, hidden, so, sample_rows, query_start_loc[1:][done])
         for i, r in enumerate(rows):
             if batch.rows[r].params.prompt_logprobs is not None:
-                self._prompt_logprobs(output, hidden, r, int(starts[i]), int(query_start_loc[i]), int(counts[i]))
+                try:
+                    self._prompt_logprobs(output, hidden, r, int(starts[i]), int(query_start_loc[i]),
+                                          int(counts[i]))
+                except Exception as exc:  # one request's logprobs: the others' tokens stand
+                    logger.exception("request %s: computing its prompt logprobs failed", req_ids[i])
+                    output.failed[req_ids[i]] = RequestError(f"computing prompt logprobs failed: {exc!r}")
         for r in rows:
             tokens = sampled.get(r, [])
             output.sampled_token_ids.append(tokens)
@@ -234,6 +256,13 @@ class ModelRunner:
             tokens = rejection.token_ids
             lp_tensors = rejection.logprobs
             lp_rows = rejection.first_rows
+        for i, r in enumerate(sample_rows.tolist()):
+            if NO_TOKEN in tokens[i]:  # keep what came before; the scheduler ends the request after it
+                tokens[i] = tokens[i][:tokens[i].index(NO_TOKEN)]
+                state = batch.rows[r]
+                output.failed[state.req_id] = _no_token_error(
+                    state, len(state.output_token_ids) + len(tokens[i]),
+                    is_guided=state.req_id in so.structured_output_request_ids)
         if lp_tensors is not None:
             self._sample_logprobs(output, lp_tensors, sample_rows, lp_rows, tokens, wanted_by_row)
         return dict(zip(sample_rows.tolist(), tokens))
@@ -370,6 +399,21 @@ class ModelRunner:
             bad_words_token_ids={i: s.params.bad_words_token_ids for i, s in enumerate(states)
                                  if s.params.bad_words_token_ids},
             max_num_logprobs=max(wanted) if wanted else None, logprobs_mode=self.logprobs_mode)
+
+
+def _no_token_error(state: RowState, num_output_tokens: int, is_guided: bool) -> RequestError:
+    """Why a request had no token to sample after ``num_output_tokens`` output tokens."""
+    params = state.params
+    constraints = [name for name, applies in (
+        (f"structured_outputs ({params.structured_outputs.mode})" if is_guided else "", is_guided),
+        (f"min_tokens={params.min_tokens}", num_output_tokens < params.min_tokens),
+        ("allowed_token_ids", bool(params.allowed_token_ids)),
+        ("bad_words", bool(params.bad_words_token_ids))) if applies]
+    if not constraints:
+        return RequestError(f"the model's logits for this request hold no finite value at output token "
+                            f"{num_output_tokens}")
+    return RequestError(f"no token satisfies all of this request's constraints at output token {num_output_tokens}: "
+                        f"{', '.join(constraints)} exclude every token together", kind="invalid_request")
 
 
 def _ranges(lengths: np.ndarray) -> np.ndarray:

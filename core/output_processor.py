@@ -7,13 +7,16 @@ parent that gathers its children's completions.
 from __future__ import annotations
 
 import enum
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from .detokenizer import IncrementalDetokenizer
 from .outputs import CompletionOutput, PositionLogprobs, RequestOutput, logprobs_to_dicts
-from .request import Request
+from .request import Request, RequestError
 from .step import EngineCoreOutput
+
+logger = logging.getLogger(__name__)
 
 
 class OutputKind(enum.Enum):
@@ -32,8 +35,13 @@ class _Child:
     cumulative_logprob: float | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    error: RequestError | None = None
     sent_tokens: int = 0
     sent_logprobs: int = 0
+
+    def fail(self, stage: str, exc: Exception) -> None:
+        logger.exception("request %s: %s failed", self.request.request_id, stage)
+        self.finish_reason, self.error = "error", RequestError(f"{stage} failed: {exc!r}")
 
 
 @dataclass(slots=True)
@@ -82,29 +90,37 @@ class OutputProcessor:
     def num_unfinished(self) -> int:
         return len(self._parents)
 
-    def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
-        """RequestOutputs to hand out, and child ids the engine must stop (stop strings)."""
+    def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str], list[str]]:
+        """RequestOutputs to hand out, child ids the engine must stop (stop strings), and
+        child ids it must end as failed (their detokenization or logprobs raised: only they
+        end, with finish reason "error")."""
         touched: dict[str, _Parent] = {}
         to_stop: list[str] = []
+        to_fail: list[str] = []
         for out in outputs:
             parent = self._parent_of.get(out.req_id)
             if parent is None:
                 continue
             child = parent.children[out.req_id]
-            if out.new_prompt_logprobs is not None and parent.prompt_logprobs is not None:
-                parent.prompt_logprobs.extend(logprobs_to_dicts(out.new_prompt_logprobs, self._decode))
+            try:
+                if out.new_prompt_logprobs is not None and parent.prompt_logprobs is not None:
+                    parent.prompt_logprobs.extend(logprobs_to_dicts(out.new_prompt_logprobs, self._decode))
+                if child.finish_reason is None:
+                    self._update_child(child, out, to_stop)
+            except Exception as exc:
+                if child.finish_reason is None:
+                    to_fail.append(out.req_id)
+                child.fail("detokenizing the output or its logprobs", exc)
             parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
-            if child.finish_reason is None:
-                self._update_child(child, out, to_stop)
             touched[parent.request_id] = parent
         results = []
         for parent in touched.values():
-            result = self._make_output(parent)
+            result = self._make_output(parent, to_fail)
             if result is not None:
                 results.append(result)
             if parent.finished:
                 self._forget(parent)
-        return results, to_stop
+        return results, to_stop, to_fail
 
     def _update_child(self, child: _Child, out: EngineCoreOutput, to_stop: list[str]) -> None:
         # ended by EOS or a stop token id: that last token is not part of the text
@@ -121,7 +137,7 @@ class OutputProcessor:
             child.finish_reason, child.stop_reason = "stop", stop_string
             to_stop.append(child.request.request_id)
         elif out.finish_reason is not None:
-            child.finish_reason, child.stop_reason = out.finish_reason, out.stop_reason
+            child.finish_reason, child.stop_reason, child.error = out.finish_reason, out.stop_reason, out.error
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """End every unfinished child of ``request_id`` with finish reason "abort"."""
@@ -131,7 +147,7 @@ class OutputProcessor:
         for child in parent.children.values():
             if child.finish_reason is None:
                 child.finish_reason = "abort"
-        result = self._make_output(parent)
+        result = self._make_output(parent, [])
         self._forget(parent)
         return result
 
@@ -140,15 +156,23 @@ class OutputProcessor:
         for child_id in parent.children:
             self._parent_of.pop(child_id, None)
 
-    def _make_output(self, parent: _Parent) -> RequestOutput | None:
-        finished = parent.finished
-        if parent.kind is OutputKind.FINAL_ONLY and not finished:
+    def _make_output(self, parent: _Parent, to_fail: list[str]) -> RequestOutput | None:
+        """The parent's output now; a child whose text cannot be made fails (into ``to_fail``)."""
+        if parent.kind is OutputKind.FINAL_ONLY and not parent.finished:
             return None
         delta = parent.kind is OutputKind.DELTA
+        texts = {}
+        for child in parent.children.values():
+            try:
+                texts[child.index] = child.detokenizer.get_next_output_text(child.finish_reason is not None, delta)
+            except Exception as exc:
+                texts[child.index] = ""
+                if child.finish_reason is None:
+                    to_fail.append(child.request.request_id)
+                child.fail("detokenizing the output", exc)
         completions = []
         for child in sorted(parent.children.values(), key=lambda c: c.index):
-            done = child.finish_reason is not None
-            text = child.detokenizer.get_next_output_text(done, delta)
+            text = texts[child.index]
             tokens = child.token_ids[child.sent_tokens:] if delta else list(child.token_ids)
             logprobs = child.logprobs
             if delta and logprobs is not None:
@@ -156,9 +180,9 @@ class OutputProcessor:
                 child.sent_logprobs = len(child.logprobs)
             child.sent_tokens = len(child.token_ids)
             completions.append(CompletionOutput(child.index, text, tokens, child.cumulative_logprob, logprobs,
-                                                child.finish_reason, child.stop_reason))
+                                                child.finish_reason, child.stop_reason, child.error))
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, parent.prompt_logprobs,
-                             completions, finished, parent.num_cached_tokens)
+                             completions, parent.finished, parent.num_cached_tokens)
 
     def _decode(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])

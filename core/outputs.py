@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .request import RequestError
 from .step import Logprobs
 
 
@@ -24,8 +25,9 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None
     logprobs: list[PositionLogprobs] | None
-    finish_reason: str | None = None  # "stop", "length", "abort"
+    finish_reason: str | None = None  # "stop", "length", "abort", "error"
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    error: RequestError | None = None  # with finish reason "error": why this completion failed
 
     @property
     def finished(self) -> bool:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .logprobs import LogprobsTensors, compute_logprobs_tensors
-from .sampler import exponential_race, process_logits
+from .sampler import NO_TOKEN, exponential_race, mark_rows_without_token, process_logits
 from .sampling_metadata import SamplingMetadata
 
 _NEG_INF = float("-inf")
@@ -39,7 +39,8 @@ _NEG_INF = float("-inf")
 
 @dataclass(slots=True)
 class RejectionOutput:
-    # per request: accepted drafts + one corrected or bonus token
+    # per request: accepted drafts + one corrected or bonus token; the last one is NO_TOKEN
+    # when the walk reached a row with no token to sample
     token_ids: list[list[int]]
     # per request: the index of its first row in the logits
     first_rows: list[int]
@@ -98,6 +99,12 @@ class RejectionSampler:
                 corrected = torch.where(processed.is_greedy, greedy, corrected)
             emitted = torch.where(accepted, draft, corrected)
 
+        logprobs = None
+        if processed.logprobs is not None:
+            logprobs = compute_logprobs_tensors(processed.logprobs, emitted, metadata.max_num_logprobs)
+        # A row with no token to sample fails its request if the walk reaches it, exactly
+        # where a plain step after the same accepted drafts would.
+        emitted = mark_rows_without_token(processed.logits, emitted)
         accepted_list = accepted.tolist()
         emitted_list = emitted.tolist()
         token_ids: list[list[int]] = []
@@ -105,12 +112,9 @@ class RejectionSampler:
             tokens = []
             for j in range(len(drafts) + 1):
                 tokens.append(emitted_list[first + j])
-                if not accepted_list[first + j]:
+                if not accepted_list[first + j] or tokens[-1] == NO_TOKEN:
                     break
             token_ids.append(tokens)
-        logprobs = None
-        if processed.logprobs is not None:
-            logprobs = compute_logprobs_tensors(processed.logprobs, emitted, metadata.max_num_logprobs)
         return RejectionOutput(token_ids, first_rows, logprobs)
 
     @staticmethod

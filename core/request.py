@@ -30,6 +30,7 @@ class RequestStatus(enum.IntEnum):
     FINISHED_LENGTH_CAPPED = enum.auto()
     FINISHED_ABORTED = enum.auto()
     FINISHED_IGNORED = enum.auto()
+    FINISHED_ERROR = enum.auto()  # this request failed (see Request.error); the others go on
 
     @property
     def is_finished(self) -> bool:
@@ -37,7 +38,7 @@ class RequestStatus(enum.IntEnum):
 
     @property
     def finish_reason(self) -> str | None:
-        """The OpenAI/vLLM finish reason: stop, length or abort."""
+        """The OpenAI/vLLM finish reason: stop, length, abort or error."""
         return _FINISH_REASONS.get(self)
 
 
@@ -46,7 +47,25 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_LENGTH_CAPPED: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
     RequestStatus.FINISHED_IGNORED: "length",
+    RequestStatus.FINISHED_ERROR: "error",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class RequestError:
+    """Why one request ended with finish reason "error" while the engine served the rest.
+
+    ``kind`` says whose fault it was: "invalid_request" when the request's own options
+    conflict (say ``min_tokens`` against a grammar that must end sooner: the client can
+    fix it), "internal" when a per-request stage of the engine failed (a bug to report).
+    """
+
+    message: str
+    kind: str = "internal"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("invalid_request", "internal"):
+            raise ValueError(f"RequestError.kind must be 'invalid_request' or 'internal', got {self.kind!r}")
 
 
 @dataclass(slots=True, eq=False)
@@ -67,6 +86,7 @@ class Request:
     num_preemptions: int = 0
     stop_reason: int | str | None = None
     grammar: Any = None  # the request's Grammar when it asks for structured output
+    error: RequestError | None = None  # set with status FINISHED_ERROR
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)
@@ -91,6 +111,11 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    def fail(self, error: RequestError) -> None:
+        """Mark the request failed; whoever holds it frees it as for any other finish."""
+        self.status = RequestStatus.FINISHED_ERROR
+        self.error = error
 
     def append_output_token_ids(self, token_ids: list[int]) -> None:
         self.output_token_ids.extend(token_ids)

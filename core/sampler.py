@@ -26,15 +26,18 @@ from .sampling_metadata import SAMPLING_EPS, SamplingMetadata
 __all__ = [
     "LogprobsTensors", "ProcessedLogits", "Sampler", "SamplerOutput", "SamplingMetadata", "apply_logits_processors",
     "apply_min_p", "apply_top_k_top_p", "compute_logprobs", "compute_logprobs_tensors",
-    "exponential_race", "process_logits", "to_logprobs",
+    "exponential_race", "mark_rows_without_token", "NO_TOKEN", "process_logits", "to_logprobs",
 ]
 
 _NEG_INF = float("-inf")
+# The token id of a row that has none to sample: its masks exclude every token (say a grammar
+# and min_tokens that contradict each other), or its logits hold no finite value.
+NO_TOKEN = -1
 
 
 @dataclass(slots=True)
 class SamplerOutput:
-    sampled_token_ids: torch.Tensor  # int64 [B]
+    sampled_token_ids: torch.Tensor  # int64 [B]; NO_TOKEN for a row with no token to sample
     logprobs: LogprobsTensors | None  # k = metadata.max_num_logprobs; None when no row asked
 
 
@@ -88,10 +91,19 @@ class Sampler:
             sampled = exponential_race(processed.logits, metadata.generators)
             if processed.greedy is not None:
                 sampled = torch.where(processed.is_greedy, processed.greedy, sampled)
-        if processed.logprobs is None:
-            return SamplerOutput(sampled, None)
-        return SamplerOutput(sampled, compute_logprobs_tensors(processed.logprobs, sampled,
-                                                               metadata.max_num_logprobs))
+        logprobs = None
+        if processed.logprobs is not None:
+            logprobs = compute_logprobs_tensors(processed.logprobs, sampled, metadata.max_num_logprobs)
+        return SamplerOutput(mark_rows_without_token(processed.logits, sampled), logprobs)
+
+
+def mark_rows_without_token(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """``token_ids`` [B] with NO_TOKEN where the chosen token's logit in ``logits`` [B, V] (the
+    processed ones it was drawn from) is not finite. Argmax and the exponential race pick a
+    finite logit whenever the row has one, so this finds exactly the rows with none, at the
+    cost of a gather."""
+    chosen = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1)  # [B]
+    return token_ids.masked_fill(~torch.isfinite(chosen), NO_TOKEN)
 
 
 def _check_inputs(logits: torch.Tensor, metadata: SamplingMetadata) -> None:

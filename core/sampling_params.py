@@ -14,10 +14,18 @@ from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 from .structured import StructuredOutputsParams
+from .text import check_unicode
 
 MAX_LOGPROBS = 20  # most top-k logprobs a request may ask for, per position
 MAX_N = 128
 GREEDY_EPSILON = 1e-5  # a temperature below this is greedy sampling
+# Seeds are int64, as in vLLM's API; child i of a seeded n > 1 request draws from seed + i,
+# wrapped into the same range (see child_seed).
+MIN_SEED, MAX_SEED = -(1 << 63), (1 << 63) - 1
+# OpenAI's range. A larger bias overflows float32 logits to inf, and inf - inf is NaN.
+MAX_ABS_LOGIT_BIAS = 100.0
+# Penalties are float32 on the device: these keep logit / penalty and logit * penalty finite.
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 
 
 class SamplingType(enum.IntEnum):
@@ -70,11 +78,10 @@ class SamplingParams:
         _check_number("min_p", self.min_p, 0.0, 1.0)
         _check_number("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_number("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
-        _check_finite("repetition_penalty", self.repetition_penalty)
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        _check_number("repetition_penalty", self.repetition_penalty, MIN_REPETITION_PENALTY,
+                      MAX_REPETITION_PENALTY)
+        if self.seed is not None:
+            _check_int("seed", self.seed, MIN_SEED, MAX_SEED)
         if self.max_tokens is not None:
             _check_int("max_tokens", self.max_tokens, 1, None)
         _check_int("min_tokens", self.min_tokens, 0, self.max_tokens, high_name="max_tokens")
@@ -113,6 +120,12 @@ class SamplingParams:
             if bad:
                 raise ValueError(f"{name} holds token id {bad[0]}, outside the vocabulary "
                                  f"(vocab_size={vocab_size})")
+
+
+def child_seed(seed: int, index: int) -> int:
+    """The seed of child ``index`` of a seeded n > 1 request: ``seed + index``, wrapped so it
+    stays in [MIN_SEED, MAX_SEED] (a seed near the top must not push a child out of range)."""
+    return (seed + index - MIN_SEED) % (1 << 64) + MIN_SEED
 
 
 def validate_prompt_token_ids(prompt_token_ids: Sequence[int], vocab_size: int, max_model_len: int) -> None:
@@ -180,6 +193,8 @@ def _normalise_stop(stop: Any) -> list[str]:
         raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
     if any(s == "" for s in stops):
         raise ValueError("stop strings must not be empty")
+    for index, text in enumerate(stops):
+        check_unicode(f"stop[{index}]", text)
     return list(stops)
 
 
@@ -193,7 +208,7 @@ def _normalise_logit_bias(logit_bias: Any) -> dict[int, float] | None:
         token_id = int(key) if isinstance(key, str) and key.strip().isdigit() else key
         if not _is_int(token_id) or token_id < 0:
             raise ValueError(f"logit_bias keys must be token ids >= 0 (ints or strings of ints), got {key!r}")
-        _check_finite(f"logit_bias[{token_id}]", bias)
+        _check_number(f"logit_bias[{token_id}]", bias, -MAX_ABS_LOGIT_BIAS, MAX_ABS_LOGIT_BIAS)
         normalised[token_id] = float(bias)
     return normalised
 
@@ -204,4 +219,6 @@ def _normalise_bad_words(bad_words: Any) -> list[str] | None:
     if isinstance(bad_words, str) or not isinstance(bad_words, Sequence) or not all(
             isinstance(w, str) and w for w in bad_words):
         raise ValueError(f"bad_words must be a list of non-empty strings, got {bad_words!r}")
+    for index, word in enumerate(bad_words):
+        check_unicode(f"bad_words[{index}]", word)
     return list(bad_words)

@@ -35,7 +35,7 @@ from collections.abc import Iterable
 
 from .config import CacheConfig, SchedulerConfig
 from .kv_cache import KVCacheBlock, KVCacheManager
-from .request import Request, RequestStatus
+from .request import Request, RequestError, RequestStatus
 from .step import CachedRequestData, EngineCoreOutput, Logprobs, ModelRunnerOutput, NewRequestData, SchedulerOutput
 from .stop_checker import check_stop
 
@@ -107,15 +107,15 @@ class Scheduler:
             self._free(request)
         return [request.request_id for request in ended]
 
-    def fail_requests(self, request_ids: Iterable[str]) -> list[str]:
+    def fail_requests(self, errors: dict[str, RequestError]) -> list[str]:
         """End waiting requests that cannot run (a grammar that failed to compile) with finish
-        reason "abort"; unlike ``finish_requests`` the next ``update_from_output`` reports them,
-        so their consumers are told."""
-        ids = [i for i in request_ids if i in self.requests and not self.requests[i].is_finished]
+        reason "error"; unlike ``finish_requests`` the next ``update_from_output`` reports them,
+        with their errors, so their consumers are told why."""
+        ids = [i for i in errors if i in self.requests and not self.requests[i].is_finished]
         self.waiting = deque(r for r in self.waiting if r.request_id not in set(ids))
         for req_id in ids:
             request = self.requests[req_id]
-            request.status = RequestStatus.FINISHED_ABORTED
+            request.fail(errors[req_id])
             self._ignored.append(request)
         return ids
 
@@ -166,8 +166,11 @@ class Scheduler:
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
         """Apply one step's results; one output per request that got tokens, prompt
-        logprobs or finished (ignored requests included)."""
-        outputs = [EngineCoreOutput(r.request_id, [], finish_reason=r.status.finish_reason) for r in self._ignored]
+        logprobs or finished (ignored requests included). A request in ``runner_output.failed``
+        keeps the tokens it got before the failure (stop conditions apply to them) and, unless
+        one of them ended it, ends with finish reason "error"."""
+        outputs = [EngineCoreOutput(r.request_id, [], finish_reason=r.status.finish_reason, error=r.error)
+                   for r in self._ignored]
         for request in self._ignored:
             del self.requests[request.request_id]
         self._ignored = []
@@ -184,6 +187,9 @@ class Scheduler:
                                      f"{len(scheduled_spec) + 1} (the scheduled drafts + 1) are possible")
                 self._roll_back_rejected(request, scheduled_spec, sampled)
                 new_token_ids = self._append_until_stop(request, sampled)
+            error = runner_output.failed.get(req_id)
+            if error is not None and not request.is_finished:
+                request.fail(error)
             if request.is_finished:
                 finished_ids.add(req_id)
                 self._free(request)
@@ -194,7 +200,14 @@ class Scheduler:
                 outputs.append(EngineCoreOutput(
                     req_id, new_token_ids, _first_rows(runner_output.logprobs.get(req_id), len(new_token_ids)),
                     prompt_logprobs, request.status.finish_reason, request.stop_reason,
-                    max(request.num_cached_tokens, 0)))
+                    max(request.num_cached_tokens, 0), request.error))
+        for req_id, error in runner_output.failed.items():  # failed before the runner gave them a row
+            request = self.requests.get(req_id)
+            if request is not None and request.status == RequestStatus.RUNNING:
+                request.fail(error)
+                finished_ids.add(req_id)
+                self._free(request)
+                outputs.append(EngineCoreOutput(req_id, [], finish_reason="error", error=error))
         if finished_ids:
             self.running = [r for r in self.running if r.request_id not in finished_ids]
         return outputs
@@ -272,7 +285,18 @@ class Scheduler:
 
     def _append_until_stop(self, request: Request, sampled: list[int]) -> list[int]:
         """Append tokens one by one; the first that stops the request (a stop condition, or
-        the end of its grammar) is the last one kept."""
+        the end of its grammar) is the last one kept. A stage that raises fails this request
+        alone, keeping the tokens appended before it."""
+        num_before = request.num_output_tokens
+        try:
+            return self._append_checked(request, sampled)
+        except Exception as exc:
+            logger.exception("request %s: checking its new tokens failed", request.request_id)
+            request.fail(RequestError(f"checking the request's new tokens (stop conditions, grammar) failed: "
+                                      f"{exc!r}"))
+            return request.output_token_ids[num_before:]
+
+    def _append_checked(self, request: Request, sampled: list[int]) -> list[int]:
         for count, token_id in enumerate(sampled, 1):
             # the grammar first: a token it refuses must not be emitted, nor pass for an EOS
             if request.grammar is not None and not request.grammar.accept_tokens([token_id]):
@@ -290,12 +314,13 @@ class Scheduler:
 
     @staticmethod
     def _refused_by_grammar(request: Request, token_id: int) -> None:
-        """The bitmask allows only what the grammar accepts, so this happens only when other
-        options (allowed_token_ids, bad words, min_tokens, logit_bias of -inf) masked every
-        token the grammar allows: the row was all -inf. End the request rather than emit junk."""
-        logger.warning("request %s: no token satisfies both its grammar and its other sampling options "
-                       "(sampled %d, which the grammar refuses); aborting it", request.request_id, token_id)
-        request.status = RequestStatus.FINISHED_ABORTED
+        """The bitmask allows only what the grammar accepts, and a row that masks every token
+        samples none (the runner reports it), so the grammar and its own bitmask disagree: a
+        bug in the guided decoder. End the request rather than emit a token it refuses."""
+        logger.error("request %s: the grammar refused token %d, which its bitmask allowed", request.request_id,
+                     token_id)
+        request.fail(RequestError(f"structured_outputs: the grammar refused token {token_id}, which its own "
+                                  "token bitmask allowed"))
 
     def _free(self, request: Request) -> None:
         self.kv_cache_manager.free(request)

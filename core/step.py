@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+    from .request import RequestError
     from .sampling_params import SamplingParams
 
 
@@ -82,6 +83,16 @@ class ModelRunnerOutput:
     logprobs: dict[str, Logprobs] = field(default_factory=dict)  # one row per sampled token
     prompt_logprobs: dict[str, Logprobs] = field(default_factory=dict)  # rows for this chunk's prompt positions
     draft_token_ids: dict[str, list[int]] = field(default_factory=dict)  # proposals for the next step
+    # requests a per-request stage failed this step (sampling set-up, no allowed token, grammar,
+    # prompt logprobs): their ``sampled_token_ids`` are the tokens before the failure, if any
+    failed: dict[str, RequestError] = field(default_factory=dict)
+
+    def drop_failed(self, errors: dict[str, RequestError]) -> None:
+        """Fail requests for a fault found outside the runner; their tokens of this step are dropped."""
+        for i, req_id in enumerate(self.req_ids):
+            if req_id in errors:
+                self.sampled_token_ids[i] = []
+        self.failed.update(errors)
 
 
 @dataclass(slots=True)
@@ -92,9 +103,10 @@ class EngineCoreOutput:
     new_token_ids: list[int]
     new_logprobs: Logprobs | None = None
     new_prompt_logprobs: Logprobs | None = None
-    finish_reason: str | None = None  # "stop", "length", "abort"
+    finish_reason: str | None = None  # "stop", "length", "abort", "error"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_cached_tokens: int = 0
+    error: RequestError | None = None  # with finish reason "error": why
 
     @property
     def finished(self) -> bool:

@@ -19,6 +19,7 @@ import torch
 
 from .components import GUIDED_DECODER, Component
 from .errors import TokenmillError
+from .text import check_unicode
 
 STRUCTURED_MODES = ("json", "regex", "choice", "grammar", "json_object")
 
@@ -46,6 +47,13 @@ class StructuredOutputsParams:
             if not isinstance(self.choice, (list, tuple)) or not all(isinstance(c, str) for c in self.choice):
                 raise ValueError("structured_outputs.choice must be a list of strings")
             self.choice = list(self.choice)
+            for index, choice in enumerate(self.choice):
+                check_unicode(f"structured_outputs.choice[{index}]", choice)
+        value = getattr(self, self.mode)
+        if isinstance(value, str):
+            check_unicode(f"structured_outputs.{self.mode}", value)
+        elif isinstance(value, dict):  # a schema: the index is into its JSON text
+            check_unicode(f"structured_outputs.{self.mode}", _json.dumps(value, ensure_ascii=False))
 
     @property
     def mode(self) -> str:

@@ -17,12 +17,15 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .request import Request, RequestStatus
-from .structured import GuidedDecoder, StructuredOutputsParams, allocate_token_bitmask
+from .request import Request, RequestError, RequestStatus
+from .structured import Grammar, GuidedDecoder, StructuredOutputsParams, allocate_token_bitmask
 
 if TYPE_CHECKING:
+    import torch
+
     from .registry import Registry
     from .step import SchedulerOutput
 
@@ -71,15 +74,16 @@ class StructuredOutputManager:
         future = self._pool.submit(self.decoder.compile, request.sampling_params.structured_outputs)
         self._pending[request.request_id] = (request, future)
 
-    def update_waiting(self, block: bool = False) -> list[str]:
-        """Make requests with a ready grammar WAITING. Returns the ids whose compilation failed
-        (the caller finishes them). ``block``: wait (up to 50 ms) for one if none is ready, rather than spin."""
+    def update_waiting(self, block: bool = False) -> dict[str, RequestError]:
+        """Make requests with a ready grammar WAITING. Returns the requests whose compilation
+        failed, and why (the caller ends them). ``block``: wait (up to 50 ms) for one if none
+        is ready, rather than spin."""
         if not self._pending:
-            return []
+            return {}
         if block and not any(f.done() for _, f in self._pending.values()):
             concurrent.futures.wait([f for _, f in self._pending.values()], timeout=0.05,
                                     return_when=concurrent.futures.FIRST_COMPLETED)
-        failed: list[str] = []
+        failed: dict[str, RequestError] = {}
         for req_id, (request, future) in list(self._pending.items()):
             if not future.done():
                 continue
@@ -90,7 +94,8 @@ class StructuredOutputManager:
                 request.grammar = future.result()
             except Exception as exc:  # validate() let through a spec compile() rejects
                 logger.error("request %s: its grammar failed to compile: %s", req_id, exc)
-                failed.append(req_id)
+                failed[req_id] = RequestError(f"structured_outputs: the grammar failed to compile: {exc}",
+                                              kind="invalid_request")
                 continue
             request.status = RequestStatus.WAITING
         return failed
@@ -108,10 +113,12 @@ class StructuredOutputManager:
 
     # ---- each step ----
 
-    def grammar_bitmask(self, scheduler_output: SchedulerOutput, requests: dict[str, Request]) -> None:
+    def grammar_bitmask(self, scheduler_output: SchedulerOutput,
+                        requests: dict[str, Request]) -> dict[str, RequestError]:
         """Fill ``scheduler_output.grammar_bitmask``: for each guided request that samples this
         step, one row per scheduled draft and one after them. A draft the grammar refuses ends
-        the walk (its own row forbids it, so verification rejects it); later rows allow all."""
+        the walk (its own row forbids it, so verification rejects it); later rows allow all.
+        Returns the requests whose grammar raised, and why (the caller ends them)."""
         rows: dict[str, int] = {}
         total = 0
         for req_id, num in scheduler_output.num_scheduled_tokens.items():
@@ -123,23 +130,33 @@ class StructuredOutputManager:
             rows[req_id] = total
             total += len(scheduler_output.scheduled_spec_decode_tokens.get(req_id, ())) + 1
         if not rows:
-            return
+            return {}
         bitmask = allocate_token_bitmask(total, self.vocab_size)
+        failed: dict[str, RequestError] = {}
         for req_id, first in rows.items():
-            grammar = requests[req_id].grammar
             drafts = scheduler_output.scheduled_spec_decode_tokens.get(req_id, ())
-            walked = 0
-            grammar.fill_bitmask(bitmask, first)
-            for j, token in enumerate(drafts):
-                if grammar.is_terminated() or not grammar.accept_tokens([token]):
-                    break
-                walked += 1
-                grammar.fill_bitmask(bitmask, first + j + 1)
-            grammar.rollback(walked)
+            try:
+                _fill_rows(requests[req_id].grammar, bitmask, first, drafts)
+            except Exception as exc:  # this request's matcher: the rest of the batch goes on
+                logger.exception("request %s: its grammar failed while filling the token bitmask", req_id)
+                failed[req_id] = RequestError(f"structured_outputs: the grammar matcher failed: {exc!r}")
         scheduler_output.grammar_bitmask = bitmask
         scheduler_output.structured_output_request_ids = rows
+        return failed
 
     def shutdown(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
+
+def _fill_rows(grammar: Grammar, bitmask: torch.Tensor, first: int, drafts: Sequence[int]) -> None:
+    """Row ``first`` for the next token, then one row after each draft the grammar accepts;
+    the matcher ends where it started."""
+    walked = 0
+    grammar.fill_bitmask(bitmask, first)
+    for j, token in enumerate(drafts):
+        if grammar.is_terminated() or not grammar.accept_tokens([token]):
+            break
+        walked += 1
+        grammar.fill_bitmask(bitmask, first + j + 1)
+    grammar.rollback(walked)

@@ -33,9 +33,12 @@ def test_defaults_are_vllms():
     ({"min_p": 1.1}, "min_p must be in [0, 1], got 1.1"),
     ({"presence_penalty": -2.5}, "presence_penalty must be in [-2, 2], got -2.5"),
     ({"frequency_penalty": 2.5}, "frequency_penalty must be in [-2, 2], got 2.5"),
-    ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0, got 0.0"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty must be in [0.01, 100], got 0.0"),
+    ({"repetition_penalty": 1e-300}, "repetition_penalty must be in [0.01, 100], got 1e-300"),
     ({"repetition_penalty": math.inf}, "repetition_penalty must be a finite number, got inf"),
-    ({"seed": "7"}, "seed must be an int or None, got '7'"),
+    ({"seed": "7"}, "seed must be an int, got '7'"),
+    ({"seed": 1 << 64}, "seed must be in [-9223372036854775808, 9223372036854775807], got 18446744073709551616"),
+    ({"seed": -(1 << 63) - 1}, "seed must be in [-9223372036854775808, 9223372036854775807]"),
     ({"max_tokens": 0}, "max_tokens must be >= 1, got 0"),
     ({"min_tokens": -1}, "min_tokens must be in [0, max_tokens=16], got -1"),
     ({"min_tokens": 17}, "min_tokens must be in [0, max_tokens=16], got 17"),
@@ -50,6 +53,9 @@ def test_defaults_are_vllms():
     ({"logit_bias": {"x": 1.0}}, "logit_bias keys must be token ids >= 0 (ints or strings of ints), got 'x'"),
     ({"logit_bias": {-3: 1.0}}, "logit_bias keys must be token ids >= 0"),
     ({"logit_bias": {3: math.inf}}, "logit_bias[3] must be a finite number, got inf"),
+    ({"logit_bias": {3: 1e308}}, "logit_bias[3] must be in [-100, 100], got 1e+308"),
+    ({"stop": ["ok", "a\ud800b"]}, "stop[1] holds a lone surrogate (U+D800) at index 1"),
+    ({"bad_words": ["\udfff"]}, "bad_words[0] holds a lone surrogate (U+DFFF) at index 0"),
     ({"allowed_token_ids": []}, "allowed_token_ids must not be empty when given"),
     ({"allowed_token_ids": [1, "2"]}, "allowed_token_ids must hold ints >= 0, got '2'"),
     ({"bad_words": ["fine", ""]}, "bad_words must be a list of non-empty strings"),
@@ -64,7 +70,8 @@ def test_each_broken_rule_names_the_field_and_the_rule(kwargs, message):
 
 @pytest.mark.parametrize("kwargs", [
     {"temperature": 0.0}, {"temperature": 2}, {"top_p": 1e-3}, {"top_k": -1}, {"top_k": 1}, {"min_p": 1.0},
-    {"repetition_penalty": 1e-3}, {"seed": 0}, {"max_tokens": None, "min_tokens": 1000}, {"min_tokens": 16},
+    {"repetition_penalty": 0.01}, {"repetition_penalty": 100}, {"seed": 0}, {"seed": -(1 << 63)},
+    {"seed": (1 << 63) - 1}, {"max_tokens": None, "min_tokens": 1000}, {"min_tokens": 16},
     {"logprobs": 0}, {"logprobs": MAX_LOGPROBS}, {"prompt_logprobs": 0}, {"n": 128},
 ])
 def test_values_on_the_boundaries_are_accepted(kwargs):

@@ -1,16 +1,19 @@
-"""The FastAPI application: routes, the API-key and body-size guards, OpenAI-style errors."""
+"""The FastAPI application: routes, the API-key, header-size and body-size guards,
+OpenAI-style errors, and an OpenAPI document that says what the server answers."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hmac
 import json
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from .async_engine import AsyncEngine, EngineDeadError, EngineUnavailableError
@@ -23,9 +26,37 @@ from .responses import ModelCard, ModelList
 from .serving import ServerState
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
+MAX_HEADER_BYTES = 32 << 10  # names and values of all request headers together
 OPEN_PATHS = frozenset({"/health"})  # reachable without the API key
 
 ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer (``errors.error_body``), as the OpenAPI document shows it."""
+
+    error: ErrorInfo
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "The body is not valid JSON, or a field is invalid (`param` names it).",
+    401: "The API key is missing or wrong (`Authorization: Bearer <key>`).",
+    404: "The model is not one this server serves.",
+    413: "The request body is too large.",
+    431: f"The request headers total more than {MAX_HEADER_BYTES} bytes.",
+    503: "No new requests are admitted: the queue is full, the server is shutting down, or the engine has failed.",
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[status]} for status in statuses}
 
 
 def build_app(engine: AsyncEngine, *, model_names: list[str], api_key: str | None = None,
@@ -42,11 +73,17 @@ def build_app(engine: AsyncEngine, *, model_names: list[str], api_key: str | Non
 
     app = FastAPI(title="tokenmill", lifespan=lifespan)
     _add_error_handlers(app)
+    _document_errors_as_400(app)
     app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
     if api_key is not None:
         app.add_middleware(_APIKeyGuard, api_key=api_key)
+    app.add_middleware(_HeaderLimit, max_bytes=MAX_HEADER_BYTES)  # outermost: refused before anything else
+    guarded = (401,) if api_key is not None else ()
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response,
+             responses={200: {"description": "The server admits requests (no body)."}, **_errors(431),
+                        503: {"model": ErrorResponse, "description": "The server admits no requests: it is "
+                              "starting or shutting down, or the engine has failed."}})
     async def health() -> Response:
         if engine.is_healthy:
             return Response(status_code=200)
@@ -54,19 +91,27 @@ def build_app(engine: AsyncEngine, *, model_names: list[str], api_key: str | Non
                   else "the server is not admitting requests (starting or shutting down)")
         return JSONResponse(error_body(503, reason), status_code=503)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_errors(*guarded, 431))
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=name, max_model_len=engine.max_model_len) for name in model_names])
 
-    @app.get("/metrics")
+    prometheus_text = {"description": "The Prometheus text exposition format, version 0.0.4.",
+                       "content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}
+
+    @app.get("/metrics", response_class=Response, responses={200: prometheus_text, **_errors(*guarded, 431)})
     async def metrics() -> Response:
         return Response(engine.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.post("/v1/completions")
+    generation_responses = {200: {"description": "The result as JSON or, with `stream: true`, as server-sent "
+                                                 "events ending in `data: [DONE]`.",
+                                  "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                            **_errors(400, *guarded, 404, 413, 431, 503)}
+
+    @app.post("/v1/completions", responses=generation_responses)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await _cancel_on_disconnect(request, create_completion(state, body))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=generation_responses)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await _cancel_on_disconnect(request, create_chat_completion(state, body))
 
@@ -98,9 +143,30 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+def _document_errors_as_400(app: FastAPI) -> None:
+    """FastAPI documents a 422 for every route with a body; this server answers 400 (the
+    handlers below), so the document drops the 422 and its validation-error schemas."""
+    generate = app.openapi
+    document: dict[str, Any] | None = None
+
+    def openapi() -> dict[str, Any]:
+        nonlocal document
+        if document is None:
+            document = generate()
+            for operations in document["paths"].values():
+                for operation in operations.values():
+                    operation["responses"].pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                document["components"]["schemas"].pop(name, None)
+        return document
+
+    app.openapi = openapi
+
+
 def _add_error_handlers(app: FastAPI) -> None:
-    def reply(status: int, message: str, param: str | None = None) -> JSONResponse:
-        return JSONResponse(error_body(status, message, param), status_code=status)
+    def reply(status: int, message: str, param: str | None = None,
+              headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -120,7 +186,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineUnavailableError)
     async def unavailable(request: Request, exc: EngineUnavailableError) -> JSONResponse:
-        return reply(503, str(exc))
+        retry_after = getattr(exc, "retry_after", 1)  # None: retrying will not help (the engine has failed)
+        headers = None if retry_after is None else {"Retry-After": str(math.ceil(retry_after))}
+        return reply(503, str(exc), headers=headers)
 
     @app.exception_handler(EngineDeadError)
     async def dead(request: Request, exc: EngineDeadError) -> JSONResponse:
@@ -128,7 +196,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return reply(exc.status_code, str(exc.detail))
+        return reply(exc.status_code, str(exc.detail), headers=exc.headers)  # e.g. a 405's Allow
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
@@ -149,26 +217,48 @@ def _field_path(loc: tuple) -> tuple[str | None, str | None]:
     return ".".join(parts) or None, None
 
 
-async def _send_error(send: Callable, status: int, message: str) -> None:
+async def _send_error(send: Callable, status: int, message: str,
+                      headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
     body = json.dumps(error_body(status, message)).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
     await send({"type": "http.response.body", "body": body})
 
 
+class _HeaderLimit:
+    """Refuse requests whose headers (names and values) total more than ``max_bytes`` with
+    431. h11 bounds only a head that arrives in pieces; one read can hold a far larger one."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http":
+            size = sum(len(name) + len(value) for name, value in scope["headers"])
+            if size > self.max_bytes:
+                await _send_error(send, 431, f"the request headers total {size} bytes; at most {self.max_bytes} "
+                                             "are accepted")
+                return
+        await self.app(scope, receive, send)
+
+
 class _APIKeyGuard:
-    """Every route but the open ones needs ``Authorization: Bearer <key>``; the key is
-    compared in constant time."""
+    """Every route but the open ones needs ``Authorization: Bearer <key>``. The scheme is
+    case-insensitive (RFC 7235); the key is compared in constant time."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.api_key = api_key.encode()
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                await _send_error(send, 401, "invalid or missing API key (Authorization: Bearer <key>)")
+            scheme, _, credentials = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            is_key = hmac.compare_digest(credentials.lstrip(b" "), self.api_key)
+            if not (is_key and scheme.lower() == b"bearer"):
+                await _send_error(send, 401, "invalid or missing API key (Authorization: Bearer <key>)",
+                                  headers=((b"www-authenticate", b"Bearer"),))
                 return
         await self.app(scope, receive, send)
 

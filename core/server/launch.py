@@ -2,11 +2,13 @@
 
 On SIGINT or SIGTERM the server stops admitting requests (503, and the listening
 socket closes), lets in-flight responses finish for up to ``shutdown_timeout``
-seconds, cancels (and so aborts) what is left, stops the engine and exits 0.
-A second SIGINT exits at once.
+seconds, ends what is left with an error (an error event then ``data: [DONE]``
+for a stream) and aborts it, stops the engine and exits 0. A second SIGINT
+exits at once.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import signal
@@ -18,23 +20,36 @@ import uvicorn
 
 from ..config import EngineConfig
 from ..llm_engine import LLMEngine
-from .app import DEFAULT_MAX_BODY_BYTES, build_app
+from .app import DEFAULT_MAX_BODY_BYTES, MAX_HEADER_BYTES, build_app
 from .async_engine import AsyncEngine
 from .metrics import ServerMetrics
 
-MAX_HEADER_BYTES = 32 << 10  # h11 refuses a request whose head is larger
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+# uvicorn cancels the connections still open this long after the requests were failed: a
+# backstop only, as failed requests end their responses and their connections close
+CANCEL_GRACE = 5.0
 
 logger = logging.getLogger(__name__)
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, told to stop admitting on the first signal. Its signals are
-    handled here and not re-raised after the shutdown: a drained server exits 0."""
+    """uvicorn's server, told to stop admitting on the first signal, and to fail what is
+    still in flight ``drain_timeout`` seconds into the shutdown. Its signals are handled
+    here and not re-raised after the shutdown: a drained server exits 0."""
 
-    def __init__(self, config: uvicorn.Config, engine: AsyncEngine) -> None:
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, drain_timeout: float) -> None:
         super().__init__(config)
         self.async_engine = engine
+        self.drain_timeout = drain_timeout
+
+    async def shutdown(self, sockets: list | None = None) -> None:
+        message = f"the server shut down before the request finished (shutdown timeout {self.drain_timeout:g} s)"
+        deadline = asyncio.get_running_loop().call_later(self.drain_timeout, self.async_engine.fail_in_flight,
+                                                         message)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            deadline.cancel()
 
     def handle_exit(self, sig: int, frame: object) -> None:
         self.async_engine.stop_admitting()
@@ -65,7 +80,9 @@ def read_chat_template(value: str | None) -> str | None:
 
 def uvicorn_config(app: object, *, host: str, port: int, shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
                    log_level: str = "info") -> uvicorn.Config:
-    # h11 (not httptools): it bounds the request head, so oversized headers are refused
+    """uvicorn's settings; it cancels the connections still open ``shutdown_timeout``
+    seconds into a shutdown."""
+    # h11 (not httptools): it bounds a request head that arrives in pieces (the app bounds the rest)
     return uvicorn.Config(app, host=host, port=port, http="h11", h11_max_incomplete_event_size=MAX_HEADER_BYTES,
                           timeout_graceful_shutdown=shutdown_timeout, lifespan="on", log_level=log_level)
 
@@ -79,7 +96,7 @@ def serve(config: EngineConfig, *, host: str = "127.0.0.1", port: int = 8000, ap
     engine = AsyncEngine(LLMEngine(config), ServerMetrics(model_name))
     app = build_app(engine, model_names=[model_name], api_key=api_key, chat_template=read_chat_template(chat_template),
                     max_body_bytes=max_body_bytes)
-    server = _Server(uvicorn_config(app, host=host, port=port, shutdown_timeout=shutdown_timeout,
-                                    log_level=log_level), engine)
+    server = _Server(uvicorn_config(app, host=host, port=port, shutdown_timeout=shutdown_timeout + CANCEL_GRACE,
+                                    log_level=log_level), engine, drain_timeout=shutdown_timeout)
     server.run()
     return 0 if server.started else 1
