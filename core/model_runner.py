@@ -168,9 +168,10 @@ class ModelRunner:
                 try:
                     self._prompt_logprobs(output, hidden, r, int(starts[i]), int(query_start_loc[i]),
                                           int(counts[i]))
-                except Exception as exc:  # one request's logprobs: the others' tokens stand
+                except Exception as exc:  # one request's logprobs: it gets no token, the others' stand
                     logger.exception("request %s: computing its prompt logprobs failed", req_ids[i])
                     output.failed[req_ids[i]] = RequestError(f"computing prompt logprobs failed: {exc!r}")
+                    sampled.pop(r, None)
         for r in rows:
             tokens = sampled.get(r, [])
             output.sampled_token_ids.append(tokens)

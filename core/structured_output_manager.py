@@ -95,7 +95,7 @@ class StructuredOutputManager:
             except Exception as exc:  # validate() let through a spec compile() rejects
                 logger.error("request %s: its grammar failed to compile: %s", req_id, exc)
                 failed[req_id] = RequestError(f"structured_outputs: the grammar failed to compile: {exc}",
-                                              kind="invalid_request")
+                                              "invalid_request" if isinstance(exc, ValueError) else "internal")
                 continue
             request.status = RequestStatus.WAITING
         return failed

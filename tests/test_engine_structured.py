@@ -472,7 +472,7 @@ def test_abort_while_waiting_for_grammar_leaves_nothing_behind(llm):
     assert llm.generate(PROMPTS[0], guided("choice", "greedy"), use_tqdm=False)[0].outputs[0].text in CHOICES
 
 
-def test_a_grammar_that_fails_to_compile_after_validation_aborts_its_request(llm, monkeypatch):
+def test_a_grammar_that_fails_to_compile_after_validation_fails_its_request_saying_why(llm, monkeypatch):
     engine = llm.engine
     decoder = engine.core.structured.decoder
 
@@ -493,10 +493,11 @@ def test_a_grammar_that_fails_to_compile_after_validation_aborts_its_request(llm
         engine.abort_request(["doomed"])  # leave the shared engine clean for the other tests
 
     assert not leftover
-    assert [(o.request_id, o.outputs[0].finish_reason) for o in finals] == [("doomed", "abort")]
+    assert [(o.request_id, o.outputs[0].finish_reason) for o in finals] == [("doomed", "error")]
+    assert "the grammar failed to compile: compiler crashed" in finals[0].outputs[0].error.message
 
 
-def test_options_that_leave_no_grammar_token_do_not_pass_for_a_completed_grammar(llm):
+def test_options_that_leave_no_grammar_token_fail_the_request_naming_both(llm):
     tokenizer = llm.get_tokenizer()
     params = SamplingParams(max_tokens=8, temperature=0.0, allowed_token_ids=tokenizer.encode("zzz"),
                             structured_outputs=StructuredOutputsParams(choice=["yes"]))
@@ -504,7 +505,21 @@ def test_options_that_leave_no_grammar_token_do_not_pass_for_a_completed_grammar
     completion = llm.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0]
 
     assert_no_leaks(llm)
-    assert completion.finish_reason != "stop" or completion.text == "yes", completion
+    assert (completion.finish_reason, completion.token_ids) == ("error", [])
+    assert completion.error.kind == "invalid_request"
+    assert "structured_outputs (choice), allowed_token_ids exclude every token" in completion.error.message
+
+
+def test_min_tokens_past_the_end_of_a_grammar_fails_where_the_grammar_ends(llm):
+    params = SamplingParams(max_tokens=16, min_tokens=10, temperature=0.0,
+                            structured_outputs=StructuredOutputsParams(regex="a"))
+
+    completion = llm.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0]
+
+    assert_no_leaks(llm)
+    assert (completion.finish_reason, completion.text) == ("error", "a")
+    assert "at output token 1: structured_outputs (regex), min_tokens=10 exclude every token" in \
+        completion.error.message
 
 
 # ---------------------------------------------------------------- the default model

@@ -12,7 +12,7 @@ import torch
 from builders import make_metadata
 from tokenmill.logprobs import compute_logprobs, compute_logprobs_tensors
 from tokenmill.rejection_sampler import RejectionSampler
-from tokenmill.sampler import Sampler, apply_logits_processors
+from tokenmill.sampler import NO_TOKEN, Sampler, apply_logits_processors
 from tokenmill.sampling_metadata import SAMPLING_EPS
 
 NEG_INF = float("-inf")
@@ -353,3 +353,26 @@ def test_logits_and_metadata_rows_must_match_the_drafts():
         reject(torch.zeros(2, V), make_metadata([0.0] * 2), [[1, 2]])
     with pytest.raises(ValueError, match="metadata has 2 rows, logits have 3"):
         reject(torch.zeros(3, V), make_metadata([0.0] * 2), [[1, 2]])
+
+
+# ---------------------------------------------------------------- rows with no token to sample
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_fully_masked_row_the_walk_reaches_ends_in_no_token(temperature):
+    drafts = [[0, 3], [5]]  # request 0: row 1 (after draft 0) has every token masked
+    logits = peaked_logits([0, 3, 1, 5, 2])
+    logits[1] = NEG_INF
+
+    out = reject(logits, make_metadata([temperature] * 5), drafts)
+
+    assert out.token_ids[0][-1] == NO_TOKEN and len(out.token_ids[0]) == 2
+    assert NO_TOKEN not in out.token_ids[1]
+
+
+def test_a_fully_masked_row_past_a_rejected_draft_is_never_reached():
+    logits = peaked_logits([4, 3, 1])
+    logits[1] = NEG_INF
+
+    out = reject(logits, make_metadata([0.0] * 3), [[2, 3]])  # draft 2 is rejected at row 0
+
+    assert out.token_ids == [[4]]

@@ -8,7 +8,7 @@ import torch
 
 from builders import make_metadata
 from tokenmill.logprobs import LogprobsTensors, compute_logprobs, compute_logprobs_tensors, to_logprobs
-from tokenmill.sampler import Sampler, apply_logits_processors
+from tokenmill.sampler import NO_TOKEN, Sampler, apply_logits_processors
 from tokenmill.sampling_metadata import SamplingMetadata
 from tokenmill.step import Logprobs
 
@@ -315,3 +315,26 @@ def test_to_logprobs_cuts_each_row_to_its_own_k():
     ]
     with pytest.raises(ValueError, match=r"num_per_row entries must be in \[0, 3\]"):
         to_logprobs(tensors, [0, 4, 1])
+
+
+# ---------------------------------------------------------------- rows with no token to sample
+
+@pytest.mark.parametrize("temperatures", [[0.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+def test_a_row_whose_masks_exclude_every_token_samples_no_token(temperatures):
+    logits = torch.randn(2, 8)
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[1] = True  # row 1 allows nothing
+    metadata = make_metadata(temperatures, allowed_token_ids_mask=mask)
+
+    sampled = Sampler()(logits, metadata).sampled_token_ids.tolist()
+
+    assert sampled[1] == NO_TOKEN and 0 <= sampled[0] < 8
+
+
+def test_nan_logits_sample_no_token():
+    logits = torch.randn(2, 8)
+    logits[0] = float("nan")
+
+    sampled = Sampler()(logits, make_metadata([1.0, 0.0])).sampled_token_ids.tolist()
+
+    assert sampled[0] == NO_TOKEN and sampled[1] == int(logits[1].argmax())

@@ -128,9 +128,10 @@ def test_full_queue_503_asks_to_retry_after_a_second(tiny_model):
     long = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 100, "ignore_eos": True, "stream": True}
     with run_server(engine) as server, httpx.Client(base_url=server.api_url) as client:
         with client.stream("POST", "/completions", json=long) as running:
-            next(running.iter_lines())  # generating: it holds the only running slot
+            lines = running.iter_lines()  # kept: a dropped iterator closes the response
+            next(lines)  # generating: it holds the only running slot
             with client.stream("POST", "/completions", json=long):  # admitted: it fills the queue
-                print(server.engine.stats); response = client.post("/completions", json={"model": MODEL_NAME, "prompt": PROMPT}); print(response.text, server.engine.stats)
+                response = client.post("/completions", json={"model": MODEL_NAME, "prompt": PROMPT})
 
     assert response.status_code == 503
     assert response.headers["retry-after"] == "1"
