@@ -60,11 +60,13 @@ class InputProcessor:
         text, token_ids = self.tokenize(prompt)
         validate_prompt_token_ids(token_ids, self.vocab_size, self.max_model_len)
         params.validate_for_vocab(self.vocab_size)
+        bad_words_token_ids = self._bad_words(params.bad_words)
+        self._check_allowed_tokens(params, bad_words_token_ids)
         cache_salt = prompt.get("cache_salt") if isinstance(prompt, Mapping) else None
         room = self.max_model_len - len(token_ids)
         params = dataclasses.replace(
             params, max_tokens=room if params.max_tokens is None else params.max_tokens,
-            bad_words_token_ids=self._bad_words(params.bad_words))
+            bad_words_token_ids=bad_words_token_ids)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         if params.n == 1:
             children = [(request_id, params)]
@@ -75,6 +77,22 @@ class InputProcessor:
         return text, [Request(request_id=rid, prompt_token_ids=token_ids, sampling_params=p,
                               eos_token_id=self.eos_token_id, arrival_time=arrival, cache_salt=cache_salt)
                       for rid, p in children]
+
+    def _check_allowed_tokens(self, params: SamplingParams, bad_words_token_ids: list[list[int]] | None) -> None:
+        """Options that leave no token to sample from the first step on are rejected here (a
+        conflict that shows only later ends the request with finish reason "error")."""
+        if not params.allowed_token_ids:
+            return
+        allowed = set(params.allowed_token_ids)
+        banned = {ids[0] for ids in bad_words_token_ids or () if len(ids) == 1}
+        if allowed <= banned:
+            raise ValueError("bad_words ban every token that allowed_token_ids allows")
+        stops = set(params.stop_token_ids)
+        if self.eos_token_id is not None and not params.ignore_eos:
+            stops.add(self.eos_token_id)
+        if params.min_tokens and allowed - banned <= stops:
+            raise ValueError(f"min_tokens={params.min_tokens} forbids the stop tokens (EOS and stop_token_ids) "
+                             "before that many output tokens, and allowed_token_ids allows no other token")
 
     def _bad_words(self, words: list[str] | None) -> list[list[int]] | None:
         """Each bad word as token sequences, with and without a leading space. A sequence

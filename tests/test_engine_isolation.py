@@ -175,23 +175,46 @@ def test_prompt_logprobs_that_raise_fail_only_their_request(llm, bystander_ids, 
 
 # ---------------------------------------------------------------- options that exclude every token
 
-def test_min_tokens_with_only_eos_allowed_fails_as_an_invalid_request(llm, bystander_ids):
-    eos = llm.engine.core.eos_token_id
-    params = SamplingParams(max_tokens=8, min_tokens=3, temperature=0.0, allowed_token_ids=[eos])
+def only_token(llm, text: str) -> list[int]:
+    ids = llm.get_tokenizer().encode(text, add_special_tokens=False)
+    assert len(ids) == 1
+    return ids
+
+
+def test_bad_words_that_ban_the_only_allowed_token_after_itself_fail_as_an_invalid_request(llm, bystander_ids):
+    params = SamplingParams(max_tokens=8, temperature=0.0, allowed_token_ids=only_token(llm, "q"), bad_words=["qq"])
 
     victim, bystanders = run_batch(llm, params)
 
+    assert victim.outputs[0].text == "q"  # a second "q" would spell the bad word
     assert_failed_alone(llm, victim, bystanders, bystander_ids,
-                        "no token satisfies all of this request's constraints at output token 0: min_tokens=3, "
-                        "allowed_token_ids exclude every token together", kind="invalid_request")
+                        "no token satisfies all of this request's constraints at output token 1: allowed_token_ids, "
+                        "bad_words exclude every token together", kind="invalid_request")
 
 
 def test_a_sampled_request_with_no_allowed_token_fails_too(llm, bystander_ids):
-    tokenizer = llm.get_tokenizer()
-    only = tokenizer.encode("zz", add_special_tokens=False)
-    params = SamplingParams(max_tokens=8, temperature=0.9, seed=3, allowed_token_ids=only, bad_words=["zz"])
+    params = SamplingParams(max_tokens=8, temperature=0.9, seed=3, allowed_token_ids=only_token(llm, "q"),
+                            bad_words=["qq"])
 
     victim, bystanders = run_batch(llm, params)
 
     assert_failed_alone(llm, victim, bystanders, bystander_ids, "allowed_token_ids, bad_words exclude every token",
                         kind="invalid_request")
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(min_tokens=3), "min_tokens=3 forbids the stop tokens"),
+    (dict(min_tokens=1, stop_token_ids=["q"]), "min_tokens=1 forbids the stop tokens"),
+    (dict(bad_words=["q"]), "bad_words ban every token that allowed_token_ids allows"),
+])
+def test_options_that_exclude_every_first_token_are_rejected_when_added(llm, options, message):
+    q = only_token(llm, "q")
+    allowed = q if "stop_token_ids" in options or "bad_words" in options else [llm.engine.core.eos_token_id]
+    if "stop_token_ids" in options:
+        options["stop_token_ids"] = q
+
+    with pytest.raises(ValueError, match=message):
+        llm.engine.add_request("refused", VICTIM_PROMPT,
+                               SamplingParams(max_tokens=8, allowed_token_ids=allowed, **options))
+
+    assert_no_leaks(llm)

@@ -11,6 +11,11 @@ tokenizer are only ever touched there (no locks on the hot path, nothing
 pickled). Requests added between two steps join the next one: continuous
 batching across HTTP requests. Every output is a DELTA ``RequestOutput``.
 
+Tokenizing a prompt and rendering a chat template take time proportional to the
+text (seconds for megabytes), so they never run on the engine thread: ``tokenize``
+runs them in a small pool, each worker with its own copy of the tokenizer, and
+the engine thread only receives token ids.
+
 If ``step()`` raises, the engine is considered broken: every in-flight stream
 ends with ``EngineDeadError`` and every later command is refused with
 ``EngineUnavailableError``.
@@ -18,6 +23,8 @@ ends with ``EngineDeadError`` and every later command is refused with
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import copy
 import logging
 import queue
 import threading
@@ -26,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ..input_processor import PromptType
+from ..input_processor import InputProcessor, PromptType
 from ..llm_engine import LLMEngine
 from ..output_processor import OutputKind
 from ..outputs import RequestOutput
@@ -36,13 +43,31 @@ from .metrics import ServerMetrics
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# Tokenizer workers: two huge prompts tokenize side by side, and a third waits (the pool is
+# the bound: requests past it queue, they never take the engine thread).
+TOKENIZER_POOL_SIZE = 2
 
-class EngineDeadError(RuntimeError):
+
+class EngineError(RuntimeError):
+    """The engine could not serve a request; ``status`` is the HTTP status it maps to."""
+
+    status = 500
+
+
+class EngineDeadError(EngineError):
     """The engine loop failed while this request was in flight."""
 
 
-class EngineUnavailableError(RuntimeError):
-    """The engine admits no new work: it died, is shutting down, or its queue is full."""
+class EngineUnavailableError(EngineError):
+    """The engine admits no new work (it died, is shutting down, or its queue is full), or
+    it ended this request because the server is going away. ``retry_after``: seconds after
+    which trying again may succeed (a full queue), or None."""
+
+    status = 503
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class RequestStream:
@@ -101,6 +126,11 @@ class AsyncEngine:
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._processors: queue.SimpleQueue[InputProcessor] = queue.SimpleQueue()
+        for _ in range(TOKENIZER_POOL_SIZE):
+            self._processors.put(_copy_processor(engine.input_processor))
+        self._tokenizer_pool = concurrent.futures.ThreadPoolExecutor(TOKENIZER_POOL_SIZE,
+                                                                     thread_name_prefix="tokenmill-tokenize")
 
     # ------------------------------------------------------------ event-loop side
 
@@ -127,6 +157,19 @@ class AsyncEngine:
             raise EngineUnavailableError("the engine has been shut down")
         return await future
 
+    async def tokenize(self, fn: Callable[[InputProcessor], T]) -> T:
+        """Run ``fn(processor)`` in the tokenizer pool, with an input processor (tokenizer,
+        vocabulary size, max_model_len) of its own: off the engine thread and the event loop."""
+        self._check_admitting()
+        return await self._loop.run_in_executor(self._tokenizer_pool, self._with_processor, fn)
+
+    def _with_processor(self, fn: Callable[[InputProcessor], T]) -> T:
+        processor = self._processors.get()  # one per worker: never waits
+        try:
+            return fn(processor)
+        finally:
+            self._processors.put(processor)
+
     async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams) -> RequestStream:
         """Queue a request; raises ValueError (naming the field) on bad input, or
         EngineUnavailableError when no more work is admitted."""
@@ -141,6 +184,12 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         """Abort a request (a no-op once it has finished or the engine is shut down)."""
         self._submit(_Command(lambda: self._abort(request_id), None))
+
+    def fail_in_flight(self, message: str) -> None:
+        """End every in-flight request now: the engine aborts it and its consumer gets
+        ``EngineUnavailableError(message)`` (an error event, or a 503). For a shutdown whose
+        drain time is up: the responses end properly instead of being cut."""
+        self._submit(_Command(lambda: self._fail_all(EngineUnavailableError(message)), None))
 
     def stop_admitting(self) -> None:
         """Refuse new work from now on (graceful shutdown); in-flight requests go on."""
@@ -160,6 +209,7 @@ class AsyncEngine:
             self._commands.put(_STOP)
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     def _check_admitting(self) -> None:
         if self.error is not None:
@@ -225,7 +275,7 @@ class AsyncEngine:
         limit = self.max_num_queued_requests
         if limit is not None and self.engine.get_stats()["num_waiting"] + params.n > limit:
             raise EngineUnavailableError(f"too many requests are waiting (max_num_queued_requests={limit}); "
-                                         "retry later")
+                                         "retry later", retry_after=1.0)
         self.engine.add_request(stream.request_id, prompt, params, OutputKind.DELTA)
         self._streams[stream.request_id] = stream
 
@@ -241,6 +291,15 @@ class AsyncEngine:
     def _abort_all(self) -> None:
         for request_id in list(self._streams):
             self._abort(request_id)
+
+    def _fail_all(self, error: EngineError) -> None:
+        streams = list(self._streams.values())
+        self._streams.clear()
+        now = time.monotonic()
+        for stream in streams:
+            for final in self.engine.abort_request([stream.request_id]):
+                self.metrics.observe_output(stream, final, now)
+        self._post(_deliver, [(stream, error) for stream in streams])
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
@@ -261,6 +320,12 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the event loop is closed: nobody is left to tell
             pass
+
+
+def _copy_processor(processor: InputProcessor) -> InputProcessor:
+    """The same checks with a tokenizer of its own (a tokenizer is not shared across threads)."""
+    return InputProcessor(copy.deepcopy(processor.tokenizer), vocab_size=processor.vocab_size,
+                          max_model_len=processor.max_model_len, eos_token_id=processor.eos_token_id)
 
 
 def _deliver(batch: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:

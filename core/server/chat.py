@@ -9,18 +9,20 @@ from typing import Any
 
 from starlette.responses import Response, StreamingResponse
 
+from ..input_processor import InputProcessor
 from ..outputs import PositionLogprobs
-from .async_engine import EngineDeadError, RequestStream
-from .errors import APIError, error_body
+from ..sampling_params import validate_prompt_token_ids
+from .async_engine import EngineError, RequestStream
+from .errors import APIError, error_body, invalid_input
 from .protocol import ChatCompletionRequest
 from .responses import (ChatChoice, ChatCompletionChunk, ChatCompletionResponse, ChatLogprobs, ChatMessageOut,
-                        ChatStreamChoice, DeltaMessage, chat_logprobs)
-from .serving import SSE_DONE, ServerState, add_all, collect, sse, usage
+                        ChatStreamChoice, DeltaMessage, chat_logprobs, prompt_logprobs)
+from .serving import SSE_DONE, ServerState, add_all, collect, output_error, sse, usage
 
 
 def render_chat(tokenizer: Any, conversation: list[dict[str, str]], request: ChatCompletionRequest,
                 default_template: str | None) -> list[int]:
-    """The prompt token ids of a conversation; runs on the engine thread (the tokenizer's)."""
+    """The prompt token ids of a conversation."""
     template = request.chat_template or default_template
     if template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model's tokenizer has no chat template; start the server with --chat-template")
@@ -40,13 +42,22 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
     state.check_request(request)
     conversation = request.conversation()
     params = request.sampling_params()
+
+    def render(processor: InputProcessor) -> list[int]:  # in the tokenizer pool
+        try:
+            token_ids = render_chat(processor.tokenizer, conversation, request, state.chat_template)
+        except ValueError as exc:
+            raise APIError(400, str(exc), "messages") from None
+        validate_prompt_token_ids(token_ids, processor.vocab_size, processor.max_model_len)
+        return token_ids
+
     try:
-        token_ids = await state.engine.call(
-            lambda engine: render_chat(engine.tokenizer, conversation, request, state.chat_template))
+        prompt = {"prompt_token_ids": await state.engine.tokenize(render)}
     except ValueError as exc:
-        raise APIError(400, str(exc), "messages") from None
+        raise invalid_input(exc, request.field_names()) from None
+    state.check_context([prompt], params, request)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    [stream] = await add_all(state.engine, request_id, [{"prompt_token_ids": token_ids}], params, request)
+    [stream] = await add_all(state.engine, request_id, [prompt], params, request)
     if request.stream:
         return StreamingResponse(_stream(request, request_id, state.model_name, stream, params.n),
                                  media_type="text/event-stream")
@@ -59,7 +70,9 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
                           stop_reason=c.stop_reason) for c in result.choices]
     body = ChatCompletionResponse(id=request_id, model=state.model_name, choices=choices,
                                   usage=usage(len(result.prompt_token_ids),
-                                              sum(len(c.token_ids) for c in result.choices)))
+                                              sum(len(c.token_ids) for c in result.choices)),
+                                  prompt_logprobs=None if request.prompt_logprobs is None or result.prompt_logprobs
+                                  is None else prompt_logprobs(result.prompt_logprobs))
     return Response(body.model_dump_json(), media_type="application/json")
 
 
@@ -83,6 +96,10 @@ async def _stream(request: ChatCompletionRequest, request_id: str, model: str, s
         for index in range(n):  # OpenAI's first chunk of each choice names the role
             yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
         async for output in stream:
+            error = output_error(output)
+            if error is not None:
+                yield sse(error.body())
+                break
             prompt_tokens = len(output.prompt_token_ids)
             choices = []
             for delta in output.outputs:
@@ -96,10 +113,11 @@ async def _stream(request: ChatCompletionRequest, request_id: str, model: str, s
                     finished.add(delta.index)
             if choices:
                 yield chunk(choices)
-        if request.stream_options is not None and request.stream_options.include_usage:
-            yield chunk([], usage=usage(prompt_tokens, num_tokens))
-    except EngineDeadError as exc:
-        yield sse(error_body(500, str(exc)))
+        else:
+            if request.stream_options is not None and request.stream_options.include_usage:
+                yield chunk([], usage=usage(prompt_tokens, num_tokens))
+    except EngineError as exc:
+        yield sse(error_body(exc.status, str(exc)))
     finally:
         stream.abort()
     yield SSE_DONE

@@ -10,36 +10,29 @@ from typing import Any
 
 from starlette.responses import Response, StreamingResponse
 
-from ..input_processor import PromptType
-from ..llm_engine import LLMEngine
+from ..input_processor import InputProcessor
 from ..outputs import PositionLogprobs
-from .async_engine import EngineDeadError, RequestStream
-from .errors import error_body, invalid_input
+from .async_engine import EngineError, RequestStream
+from .errors import error_body
 from .protocol import CompletionRequest
-from .responses import CompletionChoice, CompletionResponse, completion_logprobs
-from .serving import SSE_DONE, ServerState, add_all, collect, merge, sse, usage
+from .responses import CompletionChoice, CompletionResponse, completion_logprobs, prompt_logprobs
+from .serving import SSE_DONE, ServerState, add_all, collect, merge, output_error, sse, usage
 
 
 @dataclass(slots=True)
 class _Echo:
     """A prompt to echo before its completions."""
 
-    prompt: dict[str, Any]  # its text and token ids, handed to the engine
     text: str
     first_token_text: str  # the first prompt token has no logprob, only a text
 
 
 async def create_completion(state: ServerState, request: CompletionRequest) -> Response:
     state.check_request(request)
-    prompts = request.prompts()
     params = request.sampling_params()
-    echoes = None
-    if request.echo:
-        try:
-            echoes = await state.engine.call(lambda engine: _echo_prompts(engine, prompts))
-        except ValueError as exc:
-            raise invalid_input(exc, request.field_names()) from None
-        prompts = [echo.prompt for echo in echoes]
+    prompts = await state.tokenize(request.prompts(), request)
+    state.check_context(prompts, params, request)
+    echoes = await state.engine.tokenize(lambda processor: _echoes(processor, prompts)) if request.echo else None
     request_id = f"cmpl-{uuid.uuid4().hex}"
     streams = await add_all(state.engine, request_id, prompts, params, request)
     if request.stream:
@@ -60,33 +53,30 @@ async def create_completion(state: ServerState, request: CompletionRequest) -> R
     return Response(body.model_dump_json(), media_type="application/json")
 
 
-def _echo_prompts(engine: LLMEngine, prompts: list[PromptType]) -> list[_Echo]:
-    """Runs on the engine thread: the prompts' texts and token ids."""
-    echoes = []
-    for prompt in prompts:
-        text, token_ids = engine.input_processor.tokenize(prompt)
-        if text is None:
-            text = engine.tokenizer.decode(token_ids)
-        echoes.append(_Echo({"prompt": text, "prompt_token_ids": token_ids}, text,
-                            engine.tokenizer.decode(token_ids[:1])))
-    return echoes
+def _echoes(processor: InputProcessor, prompts: list[dict[str, Any]]) -> list[_Echo]:
+    """Runs in the tokenizer pool: each prompt's text (decoded when it came as token ids)."""
+    decode = processor.tokenizer.decode
+    return [_Echo(decode(p["prompt_token_ids"]) if p["prompt"] is None else p["prompt"],
+                  decode(p["prompt_token_ids"][:1])) for p in prompts]
 
 
 def _choice(request: CompletionRequest, index: int, text: str, token_ids: list[int],
             logprobs: list[PositionLogprobs] | None, finish_reason: str | None, stop_reason: int | str | None,
             echo: _Echo | None, prompt_token_ids: list[int],
-            prompt_logprobs: list[PositionLogprobs | None] | None, text_offset: int = 0) -> CompletionChoice:
+            prompt_logprobs_in: list[PositionLogprobs | None] | None, text_offset: int = 0) -> CompletionChoice:
     positions: list[PositionLogprobs | None] = list(logprobs or [])
     if echo is not None:
         text = echo.text + text
         token_ids = prompt_token_ids + token_ids
-        positions = list(prompt_logprobs or [None] * len(prompt_token_ids)) + positions
+        positions = list(prompt_logprobs_in or [None] * len(prompt_token_ids)) + positions
     choice_logprobs = None
     if request.logprobs is not None:
         choice_logprobs = completion_logprobs(token_ids, positions, request.logprobs, text_offset,
                                               echo.first_token_text if echo else "")
+    asked_prompt_logprobs = request.prompt_logprobs is not None and prompt_logprobs_in is not None
     return CompletionChoice(index=index, text=text, logprobs=choice_logprobs, finish_reason=finish_reason,
-                            stop_reason=stop_reason)
+                            stop_reason=stop_reason,
+                            prompt_logprobs=prompt_logprobs(prompt_logprobs_in) if asked_prompt_logprobs else None)
 
 
 async def _stream(request: CompletionRequest, request_id: str, model: str, streams: list[RequestStream],
@@ -98,6 +88,10 @@ async def _stream(request: CompletionRequest, request_id: str, model: str, strea
     finished: set[int] = set()
     try:
         async for p, output in merge(streams):
+            error = output_error(output)
+            if error is not None:
+                yield sse(error.body())
+                break
             prompt_tokens[p] = len(output.prompt_token_ids)
             choices = []
             for delta in output.outputs:
@@ -115,11 +109,12 @@ async def _stream(request: CompletionRequest, request_id: str, model: str, strea
                 choices.append(choice)
             if choices:
                 yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=choices))
-        if request.stream_options is not None and request.stream_options.include_usage:
-            yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[],
-                                         usage=usage(sum(prompt_tokens), num_tokens)))
-    except EngineDeadError as exc:
-        yield sse(error_body(500, str(exc)))
+        else:
+            if request.stream_options is not None and request.stream_options.include_usage:
+                yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[],
+                                             usage=usage(sum(prompt_tokens), num_tokens)))
+    except EngineError as exc:
+        yield sse(error_body(exc.status, str(exc)))
     finally:
         for stream in streams:
             stream.abort()

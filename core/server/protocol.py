@@ -1,20 +1,29 @@
 """Request bodies of the OpenAI API (plus vLLM's extensions), and their SamplingParams.
 
 Every known field is type-checked strictly (``"temperature": "hot"`` is a 400
-naming ``temperature``); its range is checked by ``SamplingParams``, whose
-errors start with the field name. Unknown fields are ignored, with a log line,
-as vLLM does: clients of newer API versions keep working.
+naming ``temperature``). Ranges are declared on the fields, so the OpenAPI
+document carries them, and checked again by ``SamplingParams``, whose errors
+start with the field name. Every string must be valid Unicode. Unknown fields
+are ignored, with a log line, as vLLM does: clients of newer API versions keep
+working.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..input_processor import PromptType
-from ..sampling_params import SamplingParams
+from ..sampling_params import (MAX_ABS_LOGIT_BIAS, MAX_LOGPROBS, MAX_N, MAX_REPETITION_PENALTY, MAX_SEED,
+                               MIN_REPETITION_PENALTY, MIN_SEED, SamplingParams)
 from ..structured import StructuredOutputsParams
+from ..text import check_unicode
 from .errors import APIError, invalid_input
+
+NumLogprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
+TokenId = Annotated[int, Field(ge=0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 # SamplingParams fields a request may set under the same name
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
@@ -65,31 +74,31 @@ class GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    n: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)] | None = None
+    seed: Annotated[int, Field(ge=MIN_SEED, le=MAX_SEED)] | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool | None = None
     ignore_eos: bool | None = None
-    min_tokens: int | None = None
-    logit_bias: dict[str, float] | None = None
-    allowed_token_ids: list[int] | None = None
-    bad_words: list[str] | None = None
+    min_tokens: Annotated[int, Field(ge=0)] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-MAX_ABS_LOGIT_BIAS, le=MAX_ABS_LOGIT_BIAS)]] | None = None
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
+    bad_words: list[Annotated[str, Field(min_length=1)]] | None = None
     skip_special_tokens: bool | None = None
     spaces_between_special_tokens: bool | None = None
-    prompt_logprobs: int | None = None
+    prompt_logprobs: NumLogprobs | None = None
     best_of: int | None = None
     response_format: ResponseFormat | None = None
     guided_json: str | dict[str, Any] | None = None
     guided_regex: str | None = None
-    guided_choice: list[str] | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
     guided_grammar: str | None = None
     structured_outputs: StructuredOutputsRequest | None = None
 
@@ -103,6 +112,13 @@ class GenerationRequest(BaseModel):
     def check_stream_options(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
+        if self.stream and self.prompt_logprobs is not None:
+            raise APIError(400, "prompt_logprobs is only available when stream is false", "prompt_logprobs")
+
+    def check_unicode(self) -> None:
+        """A 400 naming the first string (value or key, at any depth) that holds a lone surrogate."""
+        for name, info in type(self).model_fields.items():
+            _check_unicode_in(info.alias or name, getattr(self, name))
 
     def structured_source(self) -> str | None:
         """The field that asks for structured output, if any."""
@@ -120,10 +136,15 @@ class GenerationRequest(BaseModel):
             return None
         if source == "response_format":
             fmt = self.response_format
-            if fmt.type == "json_schema" and fmt.json_schema is not None and fmt.json_schema.schema_ is not None:
-                spec: dict[str, Any] = {"json": fmt.json_schema.schema_}
-            else:  # json_object, or json_schema without a schema: any JSON object
-                spec = {"json_object": True}
+            if fmt.type == "json_object":
+                spec: dict[str, Any] = {"json_object": True}
+            elif fmt.json_schema is None:
+                raise APIError(400, "response_format of type json_schema needs a json_schema object",
+                               "response_format.json_schema")
+            elif fmt.json_schema.schema_ is None:
+                raise APIError(400, "response_format.json_schema needs a schema", "response_format.json_schema.schema")
+            else:
+                spec = {"json": fmt.json_schema.schema_}
         elif source == "structured_outputs":
             spec = self.structured_outputs.model_dump(by_alias=True, exclude_none=True)
         else:
@@ -146,8 +167,8 @@ class GenerationRequest(BaseModel):
 
 class CompletionRequest(GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    logprobs: NumLogprobs | None = None
     echo: bool = False
     suffix: str | None = None
 
@@ -191,11 +212,11 @@ class ChatMessage(_Body):
 
 
 class ChatCompletionRequest(GenerationRequest):
-    messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: NumLogprobs | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     add_generation_prompt: bool = True
@@ -224,3 +245,21 @@ class ChatCompletionRequest(GenerationRequest):
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
         return self.to_sampling_params(max_tokens, logprobs)
+
+
+def _check_unicode_in(path: str, value: Any) -> None:
+    if isinstance(value, str):
+        try:
+            check_unicode(path, value)
+        except ValueError as exc:
+            raise APIError(400, str(exc), path) from None
+    elif isinstance(value, BaseModel):
+        for name, info in type(value).model_fields.items():
+            _check_unicode_in(f"{path}.{info.alias or name}", getattr(value, name))
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_unicode_in(path, key)
+            _check_unicode_in(f"{path}.{key}", item)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_unicode_in(f"{path}.{index}", item)

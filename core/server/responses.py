@@ -32,12 +32,25 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's per-token entry of ``prompt_logprobs``, keyed by token id."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# one entry per prompt position; the first has no logprob (None)
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -83,6 +96,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaMessage(BaseModel):
@@ -142,6 +156,12 @@ def completion_logprobs(token_ids: list[int], positions: list[PositionLogprobs |
         out.text_offset.append(text_offset)
         text_offset += len(out.tokens[-1])
     return out
+
+
+def prompt_logprobs(positions: list[PositionLogprobs | None]) -> PromptLogprobs:
+    return [None if entry is None else
+            {token_id: PromptLogprob(logprob=_floor(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token)
+             for token_id, lp in entry.items()} for entry in positions]
 
 
 def chat_logprobs(token_ids: list[int], positions: list[PositionLogprobs], num_top: int) -> ChatLogprobs:

@@ -3,6 +3,7 @@ of several prompts, gathering non-streamed results, and server-sent events."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -11,9 +12,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ..input_processor import PromptType
+from ..input_processor import InputProcessor, PromptType
 from ..outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from ..sampling_params import SamplingParams
+from ..sampling_params import SamplingParams, validate_prompt_token_ids
 from ..structured import UnsupportedStructuredOutput
 from .async_engine import AsyncEngine, RequestStream
 from .errors import APIError, invalid_input
@@ -36,12 +37,52 @@ class ServerState:
         return self.model_names[0]
 
     def check_request(self, request: GenerationRequest) -> None:
-        """The model must be one this server serves; unknown fields are only logged."""
+        """The model must be one this server serves and every string valid Unicode; unknown
+        fields are only logged."""
+        request.check_unicode()
         if request.model is not None and request.model not in self.model_names:
             raise APIError(404, f"The model `{request.model}` does not exist.", "model")
         if request.model_extra:
-            logger.warning("ignoring unknown request fields: %s", ", ".join(sorted(request.model_extra)))
+            logger.warning("ignoring unknown request fields: %r", sorted(request.model_extra))
         request.check_stream_options()
+
+    async def tokenize(self, prompts: list[PromptType], request: GenerationRequest) -> list[dict[str, Any]]:
+        """Each prompt as ``{"prompt": text or None, "prompt_token_ids": ids}``, tokenized in the
+        engine's tokenizer pool and checked against the vocabulary and max_model_len: a 400
+        naming the field when it does not fit."""
+        try:
+            return list(await asyncio.gather(*(self.engine.tokenize(functools.partial(_tokenize, prompt))
+                                               for prompt in prompts)))
+        except ValueError as exc:
+            raise invalid_input(exc, request.field_names()) from None
+
+    def check_context(self, prompts: list[dict[str, Any]], params: SamplingParams,
+                      request: GenerationRequest) -> None:
+        """Each prompt's tokens plus max_tokens must fit max_model_len (the engine would
+        otherwise cut the completion short): a 400 naming the three numbers."""
+        limit = self.engine.max_model_len
+        name = request.field_names()["max_tokens"]
+        for prompt in prompts:
+            num_prompt_tokens = len(prompt["prompt_token_ids"])
+            if params.max_tokens is not None and num_prompt_tokens + params.max_tokens > limit:
+                raise APIError(400, f"the prompt's {num_prompt_tokens} tokens plus {name}={params.max_tokens} make "
+                                    f"{num_prompt_tokens + params.max_tokens} tokens, more than this model's "
+                                    f"max_model_len={limit}; ask for at most {limit - num_prompt_tokens}", name)
+
+
+def _tokenize(prompt: PromptType, processor: InputProcessor) -> dict[str, Any]:
+    """Runs in the tokenizer pool."""
+    text, token_ids = processor.tokenize(prompt)
+    validate_prompt_token_ids(token_ids, processor.vocab_size, processor.max_model_len)
+    return {"prompt": text, "prompt_token_ids": token_ids}
+
+
+def completion_error(completion: CompletionOutput) -> APIError | None:
+    """The error a completion ended with (finish reason "error"), as the client sees it: a
+    400 when the request's own options conflict, a 500 when the engine failed it."""
+    if completion.finish_reason != "error" or completion.error is None:
+        return None
+    return APIError(400 if completion.error.kind == "invalid_request" else 500, completion.error.message)
 
 
 async def add_all(engine: AsyncEngine, base_id: str, prompts: list[PromptType], params: SamplingParams,
@@ -115,10 +156,20 @@ class Result:
     choices: list[Choice]
 
 
+def output_error(output: RequestOutput) -> APIError | None:
+    """The first error among the output's completions, if one ended with finish reason "error"."""
+    return next((error for error in map(completion_error, output.outputs) if error is not None), None)
+
+
 async def collect(stream: RequestStream) -> Result:
+    """The finished request, gathered from its deltas; raises the APIError of a completion
+    that failed."""
     choices: dict[int, Choice] = {}
     last: RequestOutput | None = None
     async for last in stream:
+        error = output_error(last)
+        if error is not None:
+            raise error
         for delta in last.outputs:
             choices.setdefault(delta.index, Choice(delta.index)).extend(delta)
     return Result(last.prompt, last.prompt_token_ids, last.prompt_logprobs,
