@@ -17,12 +17,12 @@ from .hookspecs import hookimpl, hookspec
 from .model_base import KVCacheSpec, Model
 from .outputs import CompletionOutput, Logprob, RequestOutput
 from .registry import ComponentRecord, Provider, Registry, get_registry
-from .request import Request, RequestStatus
+from .request import Request, RequestError, RequestStatus
 from .sampling_params import SamplingParams
 from .structured import Grammar, GuidedDecoder, StructuredOutputsParams, UnsupportedStructuredOutput
 
 __all__ = [
-    "LLM", "LLMEngine", "CompletionOutput", "Logprob", "RequestOutput", "Request", "RequestStatus",
+    "LLM", "LLMEngine", "CompletionOutput", "Logprob", "RequestOutput", "Request", "RequestError", "RequestStatus",
     "SamplingParams", "AttentionBackend", "AttentionMetadata", "CacheConfig", "Component", "ComponentRecord", "ConfigError",
     "Drafter", "EngineConfig", "Grammar", "GuidedDecoder", "KINDS", "KVCacheSpec", "Model", "ModelConfig",
     "PluginLoadError", "Provider", "RefusedComponentError", "Registry", "RegistrationError",
