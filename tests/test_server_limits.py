@@ -13,6 +13,7 @@ import pytest
 from server_builders import (MODEL_NAME, make_byte_level_engine, make_byte_level_model, make_engine,
                              make_tiny_model, run_server, wait_until)
 from tokenmill.input_processor import InputProcessor
+from tokenmill.server.tokenizer_pool import LARGE_TEXT_CHARS
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -226,35 +227,37 @@ def test_a_guided_choice_that_allowed_token_ids_forbids_is_a_400_that_names_both
 
 # ---------------------------------------------------------------- tokenization off the engine loop
 
-def test_a_prompt_whose_tokenization_hangs_stalls_no_other_request(server, client, monkeypatch):
-    """Two prompts stuck in the tokenizer at once (the pool tokenizes side by side) while another
-    request streams to its end; then they are let go and answered."""
-    both_inside = threading.Barrier(3)
-    release = threading.Event()
+def test_a_huge_prompt_whose_tokenization_hangs_stalls_no_other_request(server, client, monkeypatch):
+    """A huge prompt is tokenized on a background worker of its own; while it is stuck there,
+    another request is tokenized, admitted and streamed to its end. Then it is let go."""
+    huge = "w9 " * (LARGE_TEXT_CHARS // 3 + 1)
+    entered, release = threading.Event(), threading.Event()
+    workers, timed_out = [], []
     tokenize = InputProcessor.tokenize
 
     def stuck_tokenize(self, prompt):
-        if prompt == "w9 w9 w9":
-            both_inside.wait(timeout=30)
-            release.wait(timeout=60)
+        if prompt == huge:
+            workers.append(threading.current_thread().name)
+            entered.set()
+            timed_out.append(not release.wait(timeout=100))
         return tokenize(self, prompt)
 
     monkeypatch.setattr(InputProcessor, "tokenize", stuck_tokenize)
-    stuck = [threading.Thread(target=post, args=(server, "completions", {"model": MODEL_NAME, "prompt": "w9 w9 w9",
-                                                                          "max_tokens": 2})) for _ in range(2)]
-    for thread in stuck:
-        thread.start()
-    both_inside.wait(timeout=30)  # a BrokenBarrierError here: the pool tokenized them one after the other
+    answers = []
+    stuck = threading.Thread(target=lambda: answers.append(
+        post(server, "completions", {"model": MODEL_NAME, "prompt": huge, "max_tokens": 2})))
+    stuck.start()
+    assert entered.wait(timeout=30)
 
     chunks = list(client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=24, temperature=0.0,
                                             stream=True, extra_body={"ignore_eos": True}))
-    streamed_while_stuck = not release.is_set()
     release.set()
-    for thread in stuck:
-        thread.join(timeout=60)
+    stuck.join(timeout=60)
 
-    assert streamed_while_stuck and chunks[-1].choices[0].finish_reason == "length"
+    assert timed_out == [False] and workers[0].startswith("tokenmill-tokenize-large")
+    assert chunks[-1].choices[0].finish_reason == "length"
     assert sum(1 for c in chunks if c.choices and c.choices[0].text) == 24
+    assert answers[0].status_code == 400 and error_of(answers[0])["param"] == "prompt"  # too long, in the end
 
 
 # ---------------------------------------------------------------- ending in-flight requests

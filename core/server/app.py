@@ -186,8 +186,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineUnavailableError)
     async def unavailable(request: Request, exc: EngineUnavailableError) -> JSONResponse:
-        retry_after = getattr(exc, "retry_after", 1)  # None: retrying will not help (the engine has failed)
-        headers = None if retry_after is None else {"Retry-After": str(math.ceil(retry_after))}
+        headers = None if exc.retry_after is None else {"Retry-After": str(math.ceil(exc.retry_after))}
         return reply(503, str(exc), headers=headers)
 
     @app.exception_handler(EngineDeadError)

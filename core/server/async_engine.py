@@ -13,8 +13,7 @@ batching across HTTP requests. Every output is a DELTA ``RequestOutput``.
 
 Tokenizing a prompt and rendering a chat template take time proportional to the
 text (seconds for megabytes), so they never run on the engine thread: ``tokenize``
-runs them in a small pool, each worker with its own copy of the tokenizer, and
-the engine thread only receives token ids.
+runs them in a ``TokenizerPool`` and the engine thread only receives token ids.
 
 If ``step()`` raises, the engine is considered broken: every in-flight stream
 ends with ``EngineDeadError`` and every later command is refused with
@@ -23,8 +22,6 @@ ends with ``EngineDeadError`` and every later command is refused with
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import copy
 import logging
 import queue
 import threading
@@ -39,13 +36,10 @@ from ..output_processor import OutputKind
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from .metrics import ServerMetrics
+from .tokenizer_pool import TokenizerPool
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# Tokenizer workers: two huge prompts tokenize side by side, and a third waits (the pool is
-# the bound: requests past it queue, they never take the engine thread).
-TOKENIZER_POOL_SIZE = 2
 
 
 class EngineError(RuntimeError):
@@ -126,11 +120,7 @@ class AsyncEngine:
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._processors: queue.SimpleQueue[InputProcessor] = queue.SimpleQueue()
-        for _ in range(TOKENIZER_POOL_SIZE):
-            self._processors.put(_copy_processor(engine.input_processor))
-        self._tokenizer_pool = concurrent.futures.ThreadPoolExecutor(TOKENIZER_POOL_SIZE,
-                                                                     thread_name_prefix="tokenmill-tokenize")
+        self._tokenizer_pool = TokenizerPool(engine.input_processor)
 
     # ------------------------------------------------------------ event-loop side
 
@@ -157,18 +147,12 @@ class AsyncEngine:
             raise EngineUnavailableError("the engine has been shut down")
         return await future
 
-    async def tokenize(self, fn: Callable[[InputProcessor], T]) -> T:
+    async def tokenize(self, fn: Callable[[InputProcessor], T], num_chars: int) -> T:
         """Run ``fn(processor)`` in the tokenizer pool, with an input processor (tokenizer,
-        vocabulary size, max_model_len) of its own: off the engine thread and the event loop."""
+        vocabulary size, max_model_len) of its own: off the engine thread and the event loop.
+        ``num_chars``: the size of the text it handles (huge texts go to a worker of their own)."""
         self._check_admitting()
-        return await self._loop.run_in_executor(self._tokenizer_pool, self._with_processor, fn)
-
-    def _with_processor(self, fn: Callable[[InputProcessor], T]) -> T:
-        processor = self._processors.get()  # one per worker: never waits
-        try:
-            return fn(processor)
-        finally:
-            self._processors.put(processor)
+        return await self._tokenizer_pool.run(fn, num_chars)
 
     async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams) -> RequestStream:
         """Queue a request; raises ValueError (naming the field) on bad input, or
@@ -320,12 +304,6 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the event loop is closed: nobody is left to tell
             pass
-
-
-def _copy_processor(processor: InputProcessor) -> InputProcessor:
-    """The same checks with a tokenizer of its own (a tokenizer is not shared across threads)."""
-    return InputProcessor(copy.deepcopy(processor.tokenizer), vocab_size=processor.vocab_size,
-                          max_model_len=processor.max_model_len, eos_token_id=processor.eos_token_id)
 
 
 def _deliver(batch: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:

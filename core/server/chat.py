@@ -52,7 +52,8 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
         return token_ids
 
     try:
-        prompt = {"prompt_token_ids": await state.engine.tokenize(render)}
+        prompt = {"prompt_token_ids": await state.engine.tokenize(
+            render, num_chars=sum(len(message["content"]) for message in conversation))}
     except ValueError as exc:
         raise invalid_input(exc, request.field_names()) from None
     state.check_context([prompt], params, request)

@@ -32,7 +32,9 @@ async def create_completion(state: ServerState, request: CompletionRequest) -> R
     params = request.sampling_params()
     prompts = await state.tokenize(request.prompts(), request)
     state.check_context(prompts, params, request)
-    echoes = await state.engine.tokenize(lambda processor: _echoes(processor, prompts)) if request.echo else None
+    echoes = None
+    if request.echo:  # decoding prompts that fit max_model_len: a regular worker's job
+        echoes = await state.engine.tokenize(lambda processor: _echoes(processor, prompts), num_chars=0)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     streams = await add_all(state.engine, request_id, prompts, params, request)
     if request.stream:

@@ -6,7 +6,7 @@ import asyncio
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,8 +51,8 @@ class ServerState:
         engine's tokenizer pool and checked against the vocabulary and max_model_len: a 400
         naming the field when it does not fit."""
         try:
-            return list(await asyncio.gather(*(self.engine.tokenize(functools.partial(_tokenize, prompt))
-                                               for prompt in prompts)))
+            return list(await asyncio.gather(*(self.engine.tokenize(functools.partial(_tokenize, prompt),
+                                                                    _num_chars(prompt)) for prompt in prompts)))
         except ValueError as exc:
             raise invalid_input(exc, request.field_names()) from None
 
@@ -68,6 +68,11 @@ class ServerState:
                 raise APIError(400, f"the prompt's {num_prompt_tokens} tokens plus {name}={params.max_tokens} make "
                                     f"{num_prompt_tokens + params.max_tokens} tokens, more than this model's "
                                     f"max_model_len={limit}; ask for at most {limit - num_prompt_tokens}", name)
+
+
+def _num_chars(prompt: PromptType) -> int:
+    text = prompt.get("prompt") if isinstance(prompt, Mapping) else prompt
+    return len(text) if isinstance(text, str) else 0  # token ids are not tokenized
 
 
 def _tokenize(prompt: PromptType, processor: InputProcessor) -> dict[str, Any]:
