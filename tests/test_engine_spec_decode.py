@@ -184,8 +184,10 @@ def test_greedy_outputs_match_spec_off_and_drafts_are_accepted(ngram_llm, plain_
 
 
 def test_free_form_prompts_alone_match_spec_off(ngram_llm, plain_greedy):
+    drafted = ngram_llm.get_stats()["spec_num_draft_tokens"]
     outputs = completions(generate(ngram_llm, FREE_FORM, GREEDY))
     assert outputs == plain_greedy[len(REPETITIVE):]
+    assert ngram_llm.get_stats()["spec_num_draft_tokens"] > drafted  # the drafter was at work
     no_leaks(ngram_llm)
 
 
@@ -411,7 +413,9 @@ def test_seeded_sampling_with_drafts_respects_max_tokens_and_is_reproducible(che
 def test_ngram_sampling_runs_and_respects_max_tokens(ngram_llm):
     params = [SamplingParams(temperature=0.8, seed=i, max_tokens=10 + 3 * i, ignore_eos=True)
               for i in range(len(PROMPTS))]
+    drafted = ngram_llm.get_stats()["spec_num_draft_tokens"]
     outputs = generate(ngram_llm, PROMPTS, params)
+    assert ngram_llm.get_stats()["spec_num_draft_tokens"] > drafted  # sampled rows were verified
     assert [len(o.outputs[0].token_ids) for o in outputs] == [p.max_tokens for p in params]
     assert all(0 <= t < VOCAB_SIZE for o in outputs for t in o.outputs[0].token_ids)
     no_leaks(ngram_llm)
