@@ -22,6 +22,7 @@ GREEDY_EPSILON = 1e-5  # a temperature below this is greedy sampling
 # Seeds are int64, as in vLLM's API; child i of a seeded n > 1 request draws from seed + i,
 # wrapped into the same range (see child_seed).
 MIN_SEED, MAX_SEED = -(1 << 63), (1 << 63) - 1
+MAX_TOP_K = MAX_SEED  # an int64 column of the batch; any k past the vocabulary keeps every token
 # OpenAI's range. A larger bias overflows float32 logits to inf, and inf - inf is NaN.
 MAX_ABS_LOGIT_BIAS = 100.0
 # Penalties are float32 on the device: these keep logit / penalty and logit * penalty finite.
@@ -73,8 +74,8 @@ class SamplingParams:
         _check_int("n", self.n, 1, MAX_N)
         _check_number("temperature", self.temperature, 0.0, 2.0)
         _check_number("top_p", self.top_p, 0.0, 1.0, low_open=True)
-        if not _is_int(self.top_k) or self.top_k < -1:
-            raise ValueError(f"top_k must be -1, 0 (disabled) or an int >= 1, got {self.top_k!r}")
+        if not _is_int(self.top_k) or not -1 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be -1, 0 (disabled) or an int in [1, {MAX_TOP_K}], got {self.top_k!r}")
         _check_number("min_p", self.min_p, 0.0, 1.0)
         _check_number("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_number("frequency_penalty", self.frequency_penalty, -2.0, 2.0)

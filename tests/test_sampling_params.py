@@ -28,8 +28,9 @@ def test_defaults_are_vllms():
     ({"temperature": math.nan}, "temperature must be a finite number, got nan"),
     ({"top_p": 0.0}, "top_p must be in (0, 1], got 0.0"),
     ({"top_p": 1.5}, "top_p must be in (0, 1], got 1.5"),
-    ({"top_k": -2}, "top_k must be -1, 0 (disabled) or an int >= 1, got -2"),
-    ({"top_k": 2.5}, "top_k must be -1, 0 (disabled) or an int >= 1, got 2.5"),
+    ({"top_k": -2}, "top_k must be -1, 0 (disabled) or an int in [1, 9223372036854775807], got -2"),
+    ({"top_k": 2.5}, "top_k must be -1, 0 (disabled) or an int in [1, 9223372036854775807], got 2.5"),
+    ({"top_k": 1 << 63}, "top_k must be -1, 0 (disabled) or an int in [1, 9223372036854775807], got 9223372036854775808"),
     ({"min_p": 1.1}, "min_p must be in [0, 1], got 1.1"),
     ({"presence_penalty": -2.5}, "presence_penalty must be in [-2, 2], got -2.5"),
     ({"frequency_penalty": 2.5}, "frequency_penalty must be in [-2, 2], got 2.5"),
@@ -69,7 +70,7 @@ def test_each_broken_rule_names_the_field_and_the_rule(kwargs, message):
 
 
 @pytest.mark.parametrize("kwargs", [
-    {"temperature": 0.0}, {"temperature": 2}, {"top_p": 1e-3}, {"top_k": -1}, {"top_k": 1}, {"min_p": 1.0},
+    {"temperature": 0.0}, {"temperature": 2}, {"top_p": 1e-3}, {"top_k": -1}, {"top_k": 1}, {"top_k": (1 << 63) - 1}, {"min_p": 1.0},
     {"repetition_penalty": 0.01}, {"repetition_penalty": 100}, {"seed": 0}, {"seed": -(1 << 63)},
     {"seed": (1 << 63) - 1}, {"max_tokens": None, "min_tokens": 1000}, {"min_tokens": 16},
     {"logprobs": 0}, {"logprobs": MAX_LOGPROBS}, {"prompt_logprobs": 0}, {"n": 128},

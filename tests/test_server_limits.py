@@ -62,6 +62,21 @@ def test_a_seed_outside_int64_is_a_400_and_the_engine_keeps_serving(server, seed
     assert is_serving(server)
 
 
+@pytest.mark.parametrize("top_k", [1 << 63, 1 << 64])
+def test_a_top_k_outside_int64_is_a_400(server, top_k):
+    response = post(server, "completions", {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 2, "top_k": top_k})
+
+    assert response.status_code == 400 and error_of(response)["param"] == "top_k"
+    assert is_serving(server)
+
+
+def test_a_top_k_past_the_vocabulary_keeps_every_token(client):
+    completion = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=4, temperature=1.0, seed=1,
+                                           extra_body={"top_k": (1 << 63) - 1})
+
+    assert completion.choices[0].finish_reason == "length"
+
+
 def test_the_largest_seed_with_n_2_gives_two_seeded_choices(client):
     def run():
         return [c.text for c in client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=6, n=2,

@@ -193,13 +193,13 @@ class AsyncEngine:
             self._commands.put(_STOP)
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
-        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        self._tokenizer_pool.shutdown()
 
     def _check_admitting(self) -> None:
         if self.error is not None:
             raise EngineUnavailableError(f"the engine has stopped after an error: {self.error!r}")
         if not self.is_accepting:
-            raise EngineUnavailableError("the server is shutting down and admits no new requests")
+            raise EngineUnavailableError("the server is shutting down and admits no new requests", retry_after=1.0)
 
     def _submit(self, command: _Command) -> bool:
         """Queue ``command`` for the engine thread; False once it has been told to stop."""

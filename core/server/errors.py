@@ -6,7 +6,8 @@ from collections.abc import Mapping
 from typing import Any
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          413: "invalid_request_error", 500: "internal_server_error", 503: "service_unavailable"}
+          405: "invalid_request_error", 413: "invalid_request_error", 431: "invalid_request_error",
+          500: "internal_server_error", 503: "service_unavailable"}
 
 
 class APIError(Exception):

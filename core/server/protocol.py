@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..input_processor import PromptType
 from ..sampling_params import (MAX_ABS_LOGIT_BIAS, MAX_LOGPROBS, MAX_N, MAX_REPETITION_PENALTY, MAX_SEED,
-                               MIN_REPETITION_PENALTY, MIN_SEED, SamplingParams)
+                               MAX_TOP_K, MIN_REPETITION_PENALTY, MIN_SEED, SamplingParams)
 from ..structured import StructuredOutputsParams
 from ..text import check_unicode
 from .errors import APIError, invalid_input
@@ -77,7 +77,7 @@ class GenerationRequest(BaseModel):
     n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    top_k: Annotated[int, Field(ge=-1, le=MAX_TOP_K)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
