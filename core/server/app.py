@@ -1,48 +1,29 @@
-"""The FastAPI application: routes, the API-key, header-size and body-size guards,
-OpenAI-style errors, and an OpenAPI document that says what the server answers."""
+"""The FastAPI application: routes, OpenAI-style errors, and an OpenAPI document that
+says what the server answers (the guards in front of it are in ``guards``)."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import json
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from .async_engine import AsyncEngine, EngineDeadError, EngineUnavailableError
 from .chat import create_chat_completion
 from .completions import create_completion
-from .errors import APIError, error_body
+from .errors import APIError, ErrorResponse, error_body
+from .guards import MAX_HEADER_BYTES, APIKeyGuard, BodyLimit, HeaderLimit
 from .metrics import CONTENT_TYPE
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .responses import ModelCard, ModelList
 from .serving import ServerState
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
-MAX_HEADER_BYTES = 32 << 10  # names and values of all request headers together
-OPEN_PATHS = frozenset({"/health"})  # reachable without the API key
-
-ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
-
-
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: int
-
-
-class ErrorResponse(BaseModel):
-    """The body of every error answer (``errors.error_body``), as the OpenAPI document shows it."""
-
-    error: ErrorInfo
 
 
 _ERROR_DESCRIPTIONS = {
@@ -74,10 +55,10 @@ def build_app(engine: AsyncEngine, *, model_names: list[str], api_key: str | Non
     app = FastAPI(title="tokenmill", lifespan=lifespan)
     _add_error_handlers(app)
     _document_errors_as_400(app)
-    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if api_key is not None:
-        app.add_middleware(_APIKeyGuard, api_key=api_key)
-    app.add_middleware(_HeaderLimit, max_bytes=MAX_HEADER_BYTES)  # outermost: refused before anything else
+        app.add_middleware(APIKeyGuard, api_key=api_key)
+    app.add_middleware(HeaderLimit, max_bytes=MAX_HEADER_BYTES)  # outermost: refused before anything else
     guarded = (401,) if api_key is not None else ()
 
     @app.get("/health", response_class=Response,
@@ -214,80 +195,3 @@ def _field_path(loc: tuple) -> tuple[str | None, str | None]:
             return ".".join(parts) or None, part
         parts.append(str(part))
     return ".".join(parts) or None, None
-
-
-async def _send_error(send: Callable, status: int, message: str,
-                      headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-    body = json.dumps(error_body(status, message)).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *headers]})
-    await send({"type": "http.response.body", "body": body})
-
-
-class _HeaderLimit:
-    """Refuse requests whose headers (names and values) total more than ``max_bytes`` with
-    431. h11 bounds only a head that arrives in pieces; one read can hold a far larger one."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http":
-            size = sum(len(name) + len(value) for name, value in scope["headers"])
-            if size > self.max_bytes:
-                await _send_error(send, 431, f"the request headers total {size} bytes; at most {self.max_bytes} "
-                                             "are accepted")
-                return
-        await self.app(scope, receive, send)
-
-
-class _APIKeyGuard:
-    """Every route but the open ones needs ``Authorization: Bearer <key>``. The scheme is
-    case-insensitive (RFC 7235); the key is compared in constant time."""
-
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app = app
-        self.api_key = api_key.encode()
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            scheme, _, credentials = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
-            is_key = hmac.compare_digest(credentials.lstrip(b" "), self.api_key)
-            if not (is_key and scheme.lower() == b"bearer"):
-                await _send_error(send, 401, "invalid or missing API key (Authorization: Bearer <key>)",
-                                  headers=((b"www-authenticate", b"Bearer"),))
-                return
-        await self.app(scope, receive, send)
-
-
-class _BodyLimit:
-    """Refuse request bodies over ``max_bytes`` with 413: by Content-Length up front,
-    and by counting for chunked uploads."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        too_large = f"the request body is larger than {self.max_bytes} bytes"
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await _send_error(send, 413, too_large)
-            return
-        received = 0
-
-        async def limited_receive() -> dict:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise HTTPException(413, too_large)
-            return message
-
-        await self.app(scope, limited_receive, send)

@@ -5,9 +5,24 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from pydantic import BaseModel
+
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           405: "invalid_request_error", 413: "invalid_request_error", 431: "invalid_request_error",
           500: "internal_server_error", 503: "service_unavailable"}
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer (``error_body``), as the OpenAPI document shows it."""
+
+    error: ErrorInfo
 
 
 class APIError(Exception):
@@ -24,6 +39,8 @@ class APIError(Exception):
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    # a message quoting user text must still encode as UTF-8 (a lone surrogate would not)
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param,
                       "code": status}}
 

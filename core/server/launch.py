@@ -20,7 +20,8 @@ import uvicorn
 
 from ..config import EngineConfig
 from ..llm_engine import LLMEngine
-from .app import DEFAULT_MAX_BODY_BYTES, MAX_HEADER_BYTES, build_app
+from .app import DEFAULT_MAX_BODY_BYTES, build_app
+from .guards import MAX_HEADER_BYTES
 from .async_engine import AsyncEngine
 from .metrics import ServerMetrics
 
