@@ -113,6 +113,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = EngineConfig.build(args.config, **options)
     return serve(config, host=args.host, port=args.port, api_key=args.api_key,
                  served_model_name=args.served_model_name, chat_template=args.chat_template,
+                 trust_request_chat_template=args.trust_request_chat_template,
                  max_body_bytes=args.max_request_body_bytes, shutdown_timeout=args.shutdown_timeout,
                  log_level=args.log_level)
 
@@ -172,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: $TOKENMILL_API_KEY)")
     serve.add_argument("--served-model-name", help="the name clients use (default: the model)")
     serve.add_argument("--chat-template", help="a Jinja chat template, or a file holding one")
+    serve.add_argument("--trust-request-chat-template", action="store_true",
+                       help="run the chat_template a request sends (off: a template is code, and can take "
+                            "unbounded time)")
     serve.add_argument("--max-num-queued-requests", type=int,
                        help="refuse new requests (503) once this many wait to be scheduled (default: no limit)")
     serve.add_argument("--max-request-body-bytes", type=int, default=8 << 20)

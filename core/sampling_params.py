@@ -113,7 +113,11 @@ class SamplingParams:
         return SamplingType.RANDOM if self.seed is None else SamplingType.RANDOM_SEED
 
     def validate_for_vocab(self, vocab_size: int) -> None:
-        """Every token id this request names must be < ``vocab_size``."""
+        """Every token id this request names must be < ``vocab_size``, and it cannot ask for
+        more top logprobs than there are tokens."""
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(self, name) or 0) > vocab_size:
+                raise ValueError(f"{name} must be <= the vocabulary size ({vocab_size}), got {getattr(self, name)}")
         fields = {"stop_token_ids": self.stop_token_ids, "logit_bias": list(self.logit_bias or ()),
                   "allowed_token_ids": self.allowed_token_ids or []}
         for name, token_ids in fields.items():

@@ -134,6 +134,12 @@ def test_validate_for_vocab_names_the_field_and_the_vocab_size(field, value, mes
     assert str(info.value) == message
 
 
+@pytest.mark.parametrize("field", ["logprobs", "prompt_logprobs"])
+def test_validate_for_vocab_refuses_more_top_logprobs_than_tokens(field):
+    with pytest.raises(ValueError, match=f"{field} must be <= the vocabulary size \\(10\\), got 12"):
+        SamplingParams(**{field: 12}).validate_for_vocab(10)
+
+
 def test_validate_for_vocab_accepts_ids_below_the_vocab_size():
     SamplingParams(stop_token_ids=[99], logit_bias={0: 1.0}, allowed_token_ids=[1, 99]).validate_for_vocab(100)
 

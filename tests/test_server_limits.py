@@ -183,6 +183,27 @@ def test_a_json_schema_response_format_without_its_schema_is_a_400(server, respo
     assert response.status_code == 400 and error_of(response)["param"] == param
 
 
+# ---------------------------------------------------------------- chat templates sent with requests
+
+SHOUTING_TEMPLATE = "{% for message in messages %}{{ message['content'] }} w9 {% endfor %}"
+
+
+def test_a_chat_template_sent_with_a_request_is_refused_by_default(server):
+    response = post(server, "chat/completions", {"model": MODEL_NAME, "chat_template": SHOUTING_TEMPLATE,
+                                                 "messages": [{"role": "user", "content": PROMPT}]})
+
+    assert response.status_code == 400 and error_of(response)["param"] == "chat_template"
+
+
+def test_a_server_that_trusts_request_chat_templates_runs_them(tmp_path):
+    with run_server(make_engine(make_tiny_model(tmp_path)), trust_request_chat_template=True) as trusting:
+        response = post(trusting, "chat/completions", {"model": MODEL_NAME, "chat_template": SHOUTING_TEMPLATE,
+                                                       "max_tokens": 1,
+                                                       "messages": [{"role": "user", "content": PROMPT}]})
+
+    assert response.status_code == 200 and response.json()["usage"]["prompt_tokens"] == 4  # w5 w6 w7 w9
+
+
 # ---------------------------------------------------------------- contradictory constraints
 
 def test_options_that_exclude_every_first_token_are_a_400_when_added(server):

@@ -41,10 +41,11 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 def build_app(engine: AsyncEngine, *, model_names: list[str], api_key: str | None = None,
-              chat_template: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+              chat_template: str | None = None, trust_request_chat_template: bool = False,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The OpenAI-compatible app over ``engine``. Its lifespan starts the engine thread
     and, at shutdown, aborts what is still in flight and stops it."""
-    state = ServerState(engine, model_names, chat_template)
+    state = ServerState(engine, model_names, chat_template, trust_request_chat_template)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -40,6 +40,9 @@ def render_chat(tokenizer: Any, conversation: list[dict[str, str]], request: Cha
 
 async def create_chat_completion(state: ServerState, request: ChatCompletionRequest) -> Response:
     state.check_request(request)
+    if request.chat_template is not None and not state.trust_request_chat_template:
+        raise APIError(400, "chat_template: this server does not run chat templates sent with requests; start it "
+                            "with --trust-request-chat-template to allow them", "chat_template")
     conversation = request.conversation()
     params = request.sampling_params()
 

@@ -31,6 +31,7 @@ class ServerState:
     engine: AsyncEngine
     model_names: list[str]
     chat_template: str | None = None
+    trust_request_chat_template: bool = False  # vLLM's flag: a request's own template is code to run
 
     @property
     def model_name(self) -> str:
