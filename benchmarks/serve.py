@@ -58,11 +58,16 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
             command += [f"--{flag}", getattr(args, flag)]
     for option in args.option:
         command += ["-o", option]
+    return launch(command, port, args.startup_timeout)
+
+
+def launch(command: list[str], port: int, startup_timeout: float) -> subprocess.Popen:
+    """Run a ``tokenmill serve`` command line and wait until its /health answers 200."""
     process = subprocess.Popen(command)
-    deadline = time.monotonic() + args.startup_timeout
+    deadline = time.monotonic() + startup_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"tokenmill serve exited with {process.returncode}")
+            raise SystemExit(f"tokenmill serve exited with {process.returncode} during start-up")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
                 return process
@@ -70,7 +75,7 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
             pass
         time.sleep(0.5)
     process.kill()
-    raise SystemExit("tokenmill serve did not come up")
+    raise SystemExit(f"tokenmill serve did not answer /health with 200 within {startup_timeout} s")
 
 
 async def one_request(client: openai.AsyncOpenAI, prompt: str, output_len: int) -> dict:

@@ -39,7 +39,6 @@ import os
 import random
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import httpx
+
+from serve import free_port, launch  # benchmarks/serve.py: this script's directory is on sys.path
 
 DEFAULT_SPEC_CONFIG = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}'
 REQUEST_DEADLINE_S = 120.0  # no request holds a worker longer, even against a dead engine
@@ -411,12 +412,6 @@ def print_report(report: dict) -> None:
 
 # ---------------------------------------------------------------- the server
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(port), "--served-model-name", "bench",
                "--log-level", "warning", "--max-model-len", str(args.max_model_len),
@@ -424,19 +419,7 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
     command += ["--model", args.model] if args.model else []
     for option in args.option:
         command += ["-o", option]
-    process = subprocess.Popen(command)
-    deadline = time.monotonic() + args.startup_timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"tokenmill serve exited with {process.returncode} during start-up")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise SystemExit(f"tokenmill serve did not answer /health with 200 within {args.startup_timeout} s")
+    return launch(command, port, args.startup_timeout)
 
 
 def main() -> None:
