@@ -21,12 +21,14 @@ seq_lens[i] - 1``; they attend causally among themselves and fully to the
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from .components import ATTENTION_BACKEND, Component
+from .errors import ConfigError
 
 
 @dataclass(slots=True)
@@ -70,8 +72,10 @@ class AttentionBackend(Component):
     # host ints (see cuda_graphs)
     supports_cuda_graphs: ClassVar[bool] = False
 
-    def __init__(self, *, num_heads: int, num_kv_heads: int, head_size: int,
+    def __init__(self, options: Any = None, *, num_heads: int, num_kv_heads: int, head_size: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
+        """``options``: the backend's own (``attention_config``), validated by its ``Options``."""
+        super().__init__(options)
         problem = self.unsupported_reason(head_size=head_size, dtype=dtype, device=device)
         if problem:
             raise ValueError(f"attention backend '{self.name}': {problem}")
@@ -101,6 +105,12 @@ class AttentionBackend(Component):
         return None
 
     @classmethod
+    def priority(cls, device: torch.device) -> int:
+        """How much this backend wants to serve ``device`` when none is named: among the
+        backends that support the step's shapes, the highest priority is chosen."""
+        return 0
+
+    @classmethod
     def capabilities(cls) -> dict[str, Any]:
         return {
             "devices": list(cls.supported_devices),
@@ -124,3 +134,20 @@ class AttentionBackend(Component):
         head_size]. Returns [num_tokens, num_heads, head_size] in q's dtype.
         Rows past ``metadata.num_actual_tokens`` are padding: any finite value.
         """
+
+
+def select_attention_backend(backends: Mapping[str, type[AttentionBackend]], *, device: torch.device,
+                             dtype: torch.dtype, head_size: int, block_size: int) -> str:
+    """The name of the supported backend with the highest ``priority(device)``; an error
+    saying why each backend was passed over when none supports this model and cache."""
+    ranked, reasons = [], []
+    for name, cls in sorted(backends.items()):
+        problem = cls.unsupported_reason(head_size=head_size, dtype=dtype, device=device, block_size=block_size)
+        if problem:
+            reasons.append(f"'{name}': {problem}")
+        else:
+            ranked.append((cls.priority(device), name))
+    if not ranked:
+        raise ConfigError(f"attention_backend: no registered backend serves head_size={head_size}, {dtype}, "
+                          f"block_size={block_size} on {device.type}: {'; '.join(reasons) or 'none is registered'}")
+    return max(ranked)[1]

@@ -7,7 +7,12 @@ it; the engine instantiates the ones the configuration selects.
 from __future__ import annotations
 
 from abc import ABC
+from collections.abc import Mapping
 from typing import Any, ClassVar
+
+from pydantic import BaseModel, ValidationError
+
+from .errors import ConfigError
 
 ATTENTION_BACKEND = "attention_backend"
 DRAFTER = "drafter"
@@ -28,14 +33,51 @@ class SupportsV0Only:
             v0_only_reason = "Mamba state caching is V0-only"
     """
 
-    v0_only_reason: ClassVar[str] = "declares SupportsV0Only; the V1 engine does not run it"
+    v0_only_reason: ClassVar[str] = "it needs engine support that only a V0-style engine had"
 
 
 class Component(ABC):
-    """Base of the four component kinds. Subclasses set ``kind`` and ``name``."""
+    """Base of the four component kinds. Subclasses set ``kind`` and ``name``.
+
+    A component's own options are a nested pydantic model named ``Options``; the keys of
+    its config section that core does not own (``speculative_config={"method": ...,
+    "num_speculative_tokens": ..., **options}``) are validated by it, and the instance is
+    ``self.options`` (None for a class that declares no ``Options``). A subclass that
+    overrides ``__init__`` passes ``options`` on to this one.
+    """
 
     kind: ClassVar[str]
     name: ClassVar[str]
+    Options: ClassVar[type[BaseModel] | None] = None
+
+    def __init__(self, options: BaseModel | Mapping[str, Any] | None = None) -> None:
+        self.options = options if isinstance(options, BaseModel) else self.validate_options(options)
+
+    @classmethod
+    def validate_options(cls, options: Mapping[str, Any] | None, section: str | None = None) -> BaseModel | None:
+        """The ``Options`` instance for ``options``; a ConfigError naming the key (as
+        ``section.key``) and this component for an unknown key or a bad value."""
+        options = dict(options or {})
+        where = f"{section}." if section else ""
+        if cls.Options is None:
+            if options:
+                raise ConfigError(f"{where}{next(iter(options))}: {cls.kind} '{cls.name}' takes no options")
+            return None
+        known = {info.alias or name for name, info in cls.Options.model_fields.items()}
+        unknown = [key for key in options if key not in known]
+        if unknown:
+            raise ConfigError(f"{where}{unknown[0]}: unknown option for {cls.kind} '{cls.name}'; its options are "
+                              f"{sorted(known)}")
+        try:
+            return cls.Options.model_validate(options)
+        except ValidationError as exc:
+            problems = []
+            for error in exc.errors():
+                key = ".".join(str(part) for part in error["loc"])
+                place = f"{where}{key}" if key else section
+                message = error["msg"].removeprefix("Value error, ")
+                problems.append(f"{place}: {message}" if place else message)
+            raise ConfigError(f"{cls.kind} '{cls.name}': " + "; ".join(problems)) from None
 
     @classmethod
     def capabilities(cls) -> dict[str, Any]:

@@ -14,9 +14,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
+from .sampling_metadata import LOGPROBS_MODE_ALIASES, LogprobsMode
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -24,8 +25,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-STRUCTURED_BACKEND = "xgrammar:no_fallback"
-_STRUCTURED_ALIASES = {"xgrammar": STRUCTURED_BACKEND, STRUCTURED_BACKEND: STRUCTURED_BACKEND}
+STRUCTURED_BACKEND = "xgrammar:no_fallback"  # the default guided decoder; V1 has no fallback mode
+NO_FALLBACK = "no_fallback"
 
 
 class _Section(BaseModel):
@@ -38,9 +39,9 @@ class ModelConfig(_Section):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_model_len: int | None = Field(default=None, ge=1)
     load_format: Literal["auto", "safetensors", "gguf", "dummy"] = "auto"
-    # "raw": logprobs from the logits before any processing (V1); "processed": after
-    # penalties, bias, masks and temperature
-    logprobs_mode: Literal["raw", "processed"] = "raw"
+    # vLLM's values (see sampling_metadata.LogprobsMode); "raw" and "processed" are aliases of
+    # the *_logprobs ones
+    logprobs_mode: LogprobsMode = "raw_logprobs"
     # True: every step runs eagerly. Otherwise decode steps replay CUDA graphs (on CUDA, with an
     # attention backend that supports them) captured for these batch sizes; None: 1, 2, 4, 8,
     # then multiples of 8 up to max_num_seqs
@@ -53,6 +54,11 @@ class ModelConfig(_Section):
         if value is not None and (not value or min(value) < 1):
             raise ValueError(f"must be a non-empty list of batch sizes >= 1, got {value}")
         return value
+
+    @field_validator("logprobs_mode", mode="before")
+    @classmethod
+    def _logprobs_mode_aliases(cls, value: Any) -> Any:
+        return LOGPROBS_MODE_ALIASES.get(value, value)
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -83,13 +89,23 @@ class SchedulerConfig(_Section):
     max_num_queued_requests: int | None = Field(default=None, ge=1)
 
 
-class SpeculativeConfig(_Section):
-    """``speculative_config``: the drafter ``method`` (a registered drafter name) and its bounds."""
+class _ComponentSection(BaseModel):
+    """A section that selects a component: the keys core owns are fields, every other key
+    is the component's own option, validated by its ``Options`` when the engine builds it."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class SpeculativeConfig(_ComponentSection):
+    """``speculative_config``: the drafter ``method`` (a registered drafter name), how many
+    tokens it may draft per step, and the drafter's own options."""
 
     method: str
     num_speculative_tokens: int
-    prompt_lookup_min: int | None = None
-    prompt_lookup_max: int | None = None
 
     @field_validator("num_speculative_tokens")
     @classmethod
@@ -98,32 +114,27 @@ class SpeculativeConfig(_Section):
             raise ValueError(f"must be >= 1, got {value}")
         return value
 
-    @model_validator(mode="after")
-    def _lookup_bounds(self) -> SpeculativeConfig:
-        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
-        if lo is None and hi is None:
-            lo = hi = 5
-        lo = hi if lo is None else lo
-        hi = lo if hi is None else hi
-        if lo < 1:
-            raise ValueError(f"prompt_lookup_min must be >= 1, got {lo}")
-        if lo > hi:
-            raise ValueError(f"prompt_lookup_min ({lo}) must be <= prompt_lookup_max ({hi})")
-        object.__setattr__(self, "prompt_lookup_min", lo)  # bypass re-validation
-        object.__setattr__(self, "prompt_lookup_max", hi)
-        return self
 
+class StructuredOutputsConfig(_ComponentSection):
+    """``structured_outputs_config``: ``backend`` names a registered guided decoder, optionally
+    with the mode ``:no_fallback`` (the only one: a spec the decoder cannot enforce is an
+    error, never unconstrained decoding); the other keys are the decoder's own options."""
 
-class StructuredOutputsConfig(_Section):
     backend: str = STRUCTURED_BACKEND
 
     @field_validator("backend")
     @classmethod
     def _no_fallback_only(cls, value: str) -> str:
-        if value not in _STRUCTURED_ALIASES:
-            raise ValueError(f"must be '{STRUCTURED_BACKEND}' (or its alias 'xgrammar'); V1 has no "
-                             f"fallback backends, got {value!r}")
-        return _STRUCTURED_ALIASES[value]
+        name, _, mode = value.partition(":")
+        if not name or mode not in ("", NO_FALLBACK):
+            raise ValueError(f"must be a guided decoder's name, optionally with ':{NO_FALLBACK}' (V1 has no "
+                             f"fallback mode), got {value!r}")
+        return f"{name}:{NO_FALLBACK}"
+
+    @property
+    def decoder(self) -> str:
+        """The guided decoder's registered name."""
+        return self.backend.partition(":")[0]
 
 
 class EngineConfig(_Section):
@@ -133,6 +144,7 @@ class EngineConfig(_Section):
     speculative: SpeculativeConfig | None = None
     structured_outputs: StructuredOutputsConfig = Field(default_factory=StructuredOutputsConfig)
     attention_backend: str | None = None
+    attention_config: dict[str, Any] = Field(default_factory=dict)  # the backend's own options
     device: str = "auto"
     seed: int = 0
     plugin_errors: Literal["raise", "warn"] = "raise"
@@ -164,13 +176,13 @@ _FLAT: dict[str, tuple[str | None, str]] = {
     **{f: ("scheduler", f) for f in SchedulerConfig.model_fields},
     "speculative_config": (None, "speculative"),
     "structured_outputs_config": (None, "structured_outputs"),
-    **{f: (None, f) for f in ("attention_backend", "device", "seed", "plugin_errors")},
+    **{f: (None, f) for f in ("attention_backend", "attention_config", "device", "seed", "plugin_errors")},
 }
 _SECTIONS = ("model", "cache", "scheduler", "speculative", "structured_outputs")
 _DEPRECATED = {
     "best_of": "best_of is deprecated in V1; use n and pick among the outputs",
     "swap_space": "KV cache swapping is deprecated in V1; preempted requests are recomputed",
-    "cpu_offload_gb": "CPU offloading is deprecated in V1",
+    "cpu_offload_gb": "offloading weights to CPU memory is not supported by this engine",
     "kv_offloading_size": "KV cache offloading is deprecated in V1",
     "preemption_mode": "preemption_mode is deprecated in V1; preemption is always by recompute",
     "logits_processors": "per-request logits processors are deprecated in V1",

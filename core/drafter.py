@@ -2,26 +2,30 @@
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel
 
 from .components import DRAFTER, Component
-
-if TYPE_CHECKING:
-    from .config import SpeculativeConfig
 
 
 class Drafter(Component):
     """Proposes draft tokens that the target model verifies in one forward pass.
 
-    Selected by ``speculative_config={"method": <name>, ...}``. The engine calls
+    Selected by ``speculative_config={"method": <name>, "num_speculative_tokens": k,
+    **options}``: the options go to the class's ``Options`` model. The engine calls
     ``propose`` once per step for the requests that may take drafts.
     """
 
     kind = DRAFTER
 
-    def __init__(self, config: SpeculativeConfig) -> None:
-        self.config = config
+    def __init__(self, options: BaseModel | Mapping[str, Any] | None = None, *,
+                 num_speculative_tokens: int = 1) -> None:
+        super().__init__(options)
+        if num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
+        self.num_speculative_tokens = num_speculative_tokens
 
     @classmethod
     def capabilities(cls) -> dict[str, Any]:

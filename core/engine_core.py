@@ -6,9 +6,11 @@ from collections.abc import Callable
 
 import torch
 
+from .attention import select_attention_backend
+from .components import ATTENTION_BACKEND, DRAFTER
 from .config import EngineConfig
 from .cuda_graphs import decode_graph_mode
-from .errors import ConfigError
+from .errors import ConfigError, TokenmillError
 from .loader import (load_hf_config, load_model, load_tokenizer, resolve_dtype, resolve_max_model_len,
                      resolve_model_class, resolve_model_source)
 from .memory import MemoryProfile, kv_cache_budget, profile_peak_activations, weights_bytes
@@ -49,17 +51,20 @@ class EngineCore:
             raise ConfigError(f"max_num_batched_tokens ({sched.max_num_batched_tokens}) must be >= max_model_len "
                               f"({self.max_model_len}) when enable_chunked_prefill is False")
 
-        backend_name = config.attention_backend or self._default_backend()
-        backend_cls = registry.get("attention_backend", backend_name)
         spec = model_cls.kv_cache_spec(self.hf_config)
-        attention = backend_cls(num_heads=self.hf_config.num_attention_heads, num_kv_heads=spec.num_kv_heads,
-                                head_size=spec.head_size, dtype=self.dtype, device=self.device)
-        self.model = load_model(self.hf_config, model_cls, attention, source=source, dtype=self.dtype,
-                                device=self.device, seed=config.seed)
         block_size = config.cache.block_size
+        backend_name = config.attention_backend or select_attention_backend(
+            registry.available(ATTENTION_BACKEND), device=self.device, dtype=self.dtype, head_size=spec.head_size,
+            block_size=block_size)
+        backend_cls = registry.get(ATTENTION_BACKEND, backend_name)
         problem = backend_cls.unsupported_reason(block_size=block_size)
         if problem:
             raise ConfigError(f"block_size: attention backend '{backend_name}' {problem}")
+        attention = registry.create(ATTENTION_BACKEND, backend_name, config.attention_config, section="attention_config",
+                                    num_heads=self.hf_config.num_attention_heads, num_kv_heads=spec.num_kv_heads,
+                                    head_size=spec.head_size, dtype=self.dtype, device=self.device)
+        self.model = load_model(self.hf_config, model_cls, attention, source=source, dtype=self.dtype,
+                                device=self.device, seed=config.seed)
         shape = backend_cls.kv_cache_shape(1, block_size, spec.num_kv_heads, spec.head_size)
         bytes_per_block = spec.num_layers * torch.Size(shape).numel() * self.dtype.itemsize
         self.num_blocks = self._num_blocks(bytes_per_block, lambda: profile_peak_activations(
@@ -75,13 +80,16 @@ class EngineCore:
         self.scheduler = Scheduler(sched, config.cache, num_blocks=self.num_blocks, max_model_len=self.max_model_len)
         self.drafter = None
         if config.speculative is not None:
+            speculative = config.speculative
             try:
-                drafter_cls = registry.get("drafter", config.speculative.method)
-            except Exception as exc:
+                registry.get(DRAFTER, speculative.method)
+            except TokenmillError as exc:
                 raise ConfigError(f"speculative_config.method: {exc}") from exc
-            self.drafter = drafter_cls(config.speculative)
-        backend = config.structured_outputs.backend.split(":")[0]
-        self.structured = StructuredOutputManager(registry, backend, self.tokenizer, self.vocab_size)
+            self.drafter = registry.create(DRAFTER, speculative.method, speculative.options,
+                                           section="speculative_config",
+                                           num_speculative_tokens=speculative.num_speculative_tokens)
+        self.structured = StructuredOutputManager(registry, config.structured_outputs.decoder, self.tokenizer,
+                                                  self.vocab_size, options=config.structured_outputs.options)
         self.runner = ModelRunner(self.model, vocab_size=self.vocab_size, block_size=block_size,
                                   max_num_reqs=sched.max_num_seqs, max_model_len=self.max_model_len,
                                   device=self.device, logprobs_mode=config.model.logprobs_mode,
@@ -96,11 +104,6 @@ class EngineCore:
 
     def _apply_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor, indices: list[int] | None) -> None:
         self.structured.decoder.apply_token_bitmask(logits, bitmask, indices)
-
-    def _default_backend(self) -> str:
-        if self.device.type == "cuda" and "triton" in self.registry.available("attention_backend"):
-            return "triton"
-        return "torch"
 
     def _num_blocks(self, bytes_per_block: int, profile_activations: Callable[[], int]) -> int:
         """From num_gpu_blocks_override, else kv_cache_memory_bytes, else on CUDA the

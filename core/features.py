@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .components import ATTENTION_BACKEND, DRAFTER, GUIDED_DECODER, MODEL
-from .config import _DEPRECATED, STRUCTURED_BACKEND
+from .config import _DEPRECATED, NO_FALLBACK
 
 if TYPE_CHECKING:
     from .registry import ComponentRecord, Registry
@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 # Each row states what the engine in this tree does today.
 ENGINE_FEATURES: tuple[tuple[str, str, str], ...] = (
     ("logprobs", "supported", "sample logprobs (top-k + the sampled token) from the raw logits by default "
-                              "(V1); logprobs_mode='processed' for after penalties and temperature"),
+                              "(V1); logprobs_mode raw_logprobs, raw_logits, processed_logprobs (after masks, "
+                              "penalties and temperature) or processed_logits"),
     ("prompt_logprobs", "supported", "from the raw logits; a request asking for them skips prefix-cache reads"),
     ("prefix_caching", "supported", "sha256-chained block hashes, LRU eviction, per-request cache_salt"),
     ("chunked_prefill", "supported", "one token budget per step, no prefill/decode phases"),
@@ -58,14 +59,13 @@ def feature_matrix(registry: Registry) -> dict[str, Any]:
     available = {kind: registry.available(kind) for kind in (ATTENTION_BACKEND, DRAFTER, GUIDED_DECODER, MODEL)}
     refused_models = [r for r in registry.records(MODEL) if r.status == "refused"]
     guided = available[GUIDED_DECODER]
-    structured = [f"{STRUCTURED_BACKEND} (modes: {', '.join(cls.capabilities().get('modes', []))})"
-                  for name, cls in guided.items() if f"{name}:no_fallback" == STRUCTURED_BACKEND]
+    structured = [f"{name}:{NO_FALLBACK} (modes: {', '.join(cls.capabilities().get('modes', []))})"
+                  for name, cls in sorted(guided.items())]
     reasons: dict[str, list[str]] = {}
     for r in refused_models:
         reasons.setdefault(r.reason, []).append(r.name)
     spec = _listing("spec_decode_methods", sorted(available[DRAFTER]), "no drafter registered")
-    guided_row = _listing("structured_output_backends", structured,
-                          f"{STRUCTURED_BACKEND} needs the 'xgrammar' guided decoder, which is not registered")
+    guided_row = _listing("structured_output_backends", structured, "no guided decoder registered")
     features = [
         _listing("attention_backends", sorted(available[ATTENTION_BACKEND]), "no attention backend registered"),
         _listing("model_architectures", sorted(available[MODEL]), "no model class registered"),

@@ -49,7 +49,7 @@ class ModelRunner:
     static buffers and padding, run eagerly). The KV caches must be bound to the model first."""
 
     def __init__(self, model: torch.nn.Module, *, vocab_size: int, block_size: int, max_num_reqs: int,
-                 max_model_len: int, device: torch.device, logprobs_mode: str = "raw",
+                 max_model_len: int, device: torch.device, logprobs_mode: str = "raw_logprobs",
                  eos_token_id: int | None = None, drafter: Drafter | None = None,
                  num_speculative_tokens: int = 0, apply_bitmask: BitmaskApplier | None = None,
                  max_num_tokens: int | None = None, cudagraph_mode: str = "off",

@@ -13,7 +13,7 @@ import importlib
 import inspect
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Literal
@@ -166,7 +166,7 @@ class Registry:
             names = (name,)
         if issubclass(cls, SupportsV0Only):
             record = ComponentRecord(kind, names[0], cls, provider, "refused",
-                                     f"V0-only ({cls.v0_only_reason}); refused by the V1 engine")
+                                     f"this engine does not run it (it declares SupportsV0Only): {cls.v0_only_reason}")
             return self._with_aliases(record, names, staged)
         missing = sorted(getattr(cls, "__abstractmethods__", ()))
         if missing:
@@ -210,6 +210,14 @@ class Registry:
                     f"{kind} '{name}' from {record.provider.describe()} was refused: {record.reason}")
         known = sorted(self.available(kind))
         raise UnknownComponentError(f"no {kind} named '{name}'; registered: {known or 'none'}")
+
+    def create(self, kind: str, name: str, options: Mapping[str, Any] | None = None, *,
+               section: str | None = None, **context: Any) -> Any:
+        """Build the component registered as ``name``: its options (the config section's keys
+        that core does not own) validated by its ``Options`` (errors name ``section.key``),
+        and ``context``, what the engine hands every component of the kind, as keywords."""
+        cls = self.get(kind, name)
+        return cls(options=cls.validate_options(options, section), **context)
 
     def feature_matrix(self) -> dict[str, Any]:
         from .features import feature_matrix

@@ -1,12 +1,12 @@
 """The sampler: logits [B, V] -> one token per row, plus logprobs, in vLLM V1 order.
 
-    logits ──► raw logprobs                              (logprobs_mode "raw")
+    logits ──► raw logprobs / logits            (logprobs_mode "raw_logprobs" / "raw_logits")
       │
       ├─ allowed_token_ids mask, bad words, min_tokens, logit_bias
       ├─ penalties: repetition (prompt + output), frequency and presence (output)
       │
       ├─ greedy rows: argmax  (temperature, min-p, top-k and top-p do not apply)
-      └─ random rows: / temperature ──► processed logprobs (logprobs_mode "processed")
+      └─ random rows: / temperature ──► processed ("processed_logprobs" / "processed_logits")
                       ──► min-p ──► top-k, top-p ──► exponential race
 
 Everything is batched tensor code; Python loops run only over the rows that use
@@ -57,7 +57,12 @@ def process_logits(logits: torch.Tensor, metadata: SamplingMetadata) -> Processe
     the caller's logits."""
     logits = logits.to(torch.float32, copy=True)  # [B, V]; every stage below works in place
     wants_logprobs = metadata.max_num_logprobs is not None
-    logprobs = compute_logprobs(logits) if wants_logprobs and metadata.logprobs_mode == "raw" else None
+    mode = metadata.logprobs_mode
+
+    def scores(values: torch.Tensor) -> torch.Tensor:  # what the mode reports: log-softmax, or the logits
+        return values.clone() if mode.endswith("_logits") else compute_logprobs(values)
+
+    logprobs = scores(logits) if wants_logprobs and mode.startswith("raw_") else None
 
     apply_logits_processors(logits, metadata)
     greedy = None if metadata.all_random else logits.argmax(dim=-1)
@@ -68,7 +73,7 @@ def process_logits(logits: torch.Tensor, metadata: SamplingMetadata) -> Processe
     # Processed logprobs are taken before truncation: after min-p/top-k/top-p most
     # entries would be -inf and the top-k columns and ranks would say nothing.
     if wants_logprobs and logprobs is None:
-        logprobs = compute_logprobs(logits)
+        logprobs = scores(logits)
     if not metadata.all_greedy:
         if metadata.min_p is not None:
             apply_min_p(logits, metadata.min_p)

@@ -15,7 +15,11 @@ import torch
 # overflow, and the distribution is a point mass on the argmax anyway.
 SAMPLING_EPS = 1e-5
 
-LogprobsMode = Literal["raw", "processed"]
+# vLLM's values: what sample logprobs report, taken from the raw logits or after masks, bias,
+# penalties and temperature; as log-softmax values or as the logits themselves
+LogprobsMode = Literal["raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits"]
+LOGPROBS_MODES: tuple[str, ...] = LogprobsMode.__args__
+LOGPROBS_MODE_ALIASES = {"raw": "raw_logprobs", "processed": "processed_logprobs"}
 
 
 @dataclass(slots=True)
@@ -57,13 +61,14 @@ class SamplingMetadata:
     bad_words_token_ids: dict[int, list[list[int]]] = field(default_factory=dict)
 
     max_num_logprobs: int | None = None  # max k over rows asking for logprobs; None = no row
-    # "raw": logprobs of the model's logits (the V1 default). "processed": after masks,
-    # bias, penalties and temperature, before min-p/top-k/top-p truncation.
-    logprobs_mode: LogprobsMode = "raw"
+    # "raw_*": of the model's logits (the V1 default). "processed_*": after masks, bias,
+    # penalties and temperature, before min-p/top-k/top-p truncation. "raw"/"processed": aliases.
+    logprobs_mode: LogprobsMode = "raw_logprobs"
 
     def __post_init__(self) -> None:
-        if self.logprobs_mode not in ("raw", "processed"):
-            raise ValueError(f"logprobs_mode must be 'raw' or 'processed', got {self.logprobs_mode!r}")
+        self.logprobs_mode = LOGPROBS_MODE_ALIASES.get(self.logprobs_mode, self.logprobs_mode)
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {list(LOGPROBS_MODES)}, got {self.logprobs_mode!r}")
         if self.max_num_logprobs is not None and self.max_num_logprobs < 0:
             raise ValueError(f"max_num_logprobs must be >= 0 or None, got {self.max_num_logprobs}")
 

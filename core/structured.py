@@ -93,13 +93,15 @@ class GuidedDecoder(Component):
 
     Constructed once per model with its tokenizer (a HuggingFace tokenizer)
     and the model's vocabulary size (the logits width, which may exceed the
-    tokenizer's).
+    tokenizer's). Selected by ``structured_outputs_config={"backend": <name>,
+    **options}``; the options go to the class's ``Options`` model.
     """
 
     kind = GUIDED_DECODER
     modes: ClassVar[tuple[str, ...]] = STRUCTURED_MODES
 
-    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int, *, options: Any = None) -> None:
+        super().__init__(options)
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
 

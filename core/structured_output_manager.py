@@ -17,9 +17,11 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .components import GUIDED_DECODER
+from .errors import ConfigError, TokenmillError
 from .request import Request, RequestError, RequestStatus
 from .structured import Grammar, GuidedDecoder, StructuredOutputsParams, allocate_token_bitmask
 
@@ -34,9 +36,14 @@ logger = logging.getLogger(__name__)
 
 class StructuredOutputManager:
     def __init__(self, registry: Registry, backend: str, tokenizer: Any, vocab_size: int,
-                 max_workers: int = 2) -> None:
-        self._registry = registry
-        self._backend = backend
+                 options: Mapping[str, Any] | None = None, max_workers: int = 2) -> None:
+        """``backend``: the guided decoder's registered name; ``options``: its own options
+        (the other keys of structured_outputs_config), validated now."""
+        try:
+            self._decoder_cls = registry.get(GUIDED_DECODER, backend)
+        except TokenmillError as exc:
+            raise ConfigError(f"structured_outputs_config.backend: {exc}") from None
+        self._options = self._decoder_cls.validate_options(options, "structured_outputs_config")
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._max_workers = max_workers
@@ -49,7 +56,7 @@ class StructuredOutputManager:
     def decoder(self) -> GuidedDecoder:
         with self._lock:
             if self._decoder is None:
-                self._decoder = self._registry.get("guided_decoder", self._backend)(self._tokenizer, self.vocab_size)
+                self._decoder = self._decoder_cls(self._tokenizer, self.vocab_size, options=self._options)
             return self._decoder
 
     # ---- requests in ----

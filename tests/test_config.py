@@ -50,10 +50,16 @@ def test_unknown_option_is_named_with_a_suggestion():
         EngineConfig.build(cache={"colour": 1})
 
 
-@pytest.mark.parametrize("option", ["best_of", "swap_space", "cpu_offload_gb", "preemption_mode"])
+@pytest.mark.parametrize("option", ["best_of", "swap_space", "preemption_mode"])
 def test_deprecated_v1_options_say_so(option):
     with pytest.raises(ConfigError, match=rf"{option}: .*deprecated in V1"):
         EngineConfig.build(**{option: 4})
+
+
+def test_weight_offloading_is_refused_as_unsupported_not_as_deprecated():
+    with pytest.raises(ConfigError, match=r"cpu_offload_gb: offloading weights to CPU memory is not supported by "
+                                          r"this engine"):
+        EngineConfig.build(cpu_offload_gb=4)
 
 
 def test_deprecated_option_inside_a_section_says_so():
@@ -74,30 +80,27 @@ def test_out_of_range_values_name_the_field_and_the_rule(options, message):
         EngineConfig.build(**options)
 
 
-def test_speculative_config_bounds():
+def test_speculative_config_keeps_the_drafters_own_options_apart():
     spec = EngineConfig.build(speculative_config={"method": "ngram", "num_speculative_tokens": 2,
-                                                  "prompt_lookup_max": 4}).speculative
-    assert (spec.prompt_lookup_min, spec.prompt_lookup_max) == (4, 4)
-    default = EngineConfig.build(speculative_config={"method": "ngram", "num_speculative_tokens": 2}).speculative
-    assert (default.prompt_lookup_min, default.prompt_lookup_max) == (5, 5)
-    with pytest.raises(ConfigError, match=r"speculative: prompt_lookup_min \(5\) must be <= prompt_lookup_max \(3\)"):
-        EngineConfig.build(speculative_config={"method": "ngram", "num_speculative_tokens": 2,
-                                               "prompt_lookup_min": 5, "prompt_lookup_max": 3})
+                                                  "prompt_lookup_max": 4, "lookback": 7}).speculative
+    assert (spec.method, spec.num_speculative_tokens) == ("ngram", 2)
+    assert spec.options == {"prompt_lookup_max": 4, "lookback": 7}  # the drafter validates them
     with pytest.raises(ConfigError, match=r"speculative\.num_speculative_tokens: must be >= 1, got 0"):
         EngineConfig.build(speculative_config={"method": "ngram", "num_speculative_tokens": 0})
     with pytest.raises(ConfigError, match=r"speculative\.method: Field required"):
         EngineConfig.build(speculative_config={"num_speculative_tokens": 1})
 
 
-def test_structured_outputs_backend_is_xgrammar_without_fallback():
+def test_structured_outputs_backend_names_a_decoder_without_fallback():
     assert EngineConfig.build().structured_outputs.backend == "xgrammar:no_fallback"
-    alias = EngineConfig.build(structured_outputs_config={"backend": "xgrammar"})
-    assert alias.structured_outputs.backend == "xgrammar:no_fallback"
-    with pytest.raises(ConfigError, match=r"structured_outputs\.backend: must be 'xgrammar:no_fallback' "
-                                          r"\(or its alias 'xgrammar'\).*got 'outlines'"):
-        EngineConfig.build(structured_outputs_config={"backend": "outlines"})
-    with pytest.raises(ConfigError, match="xgrammar:no_fallback"):
-        EngineConfig.build(structured_outputs_config={"backend": "auto"})
+    named = EngineConfig.build(structured_outputs_config={"backend": "outlines", "whitespace": "compact"})
+    assert (named.structured_outputs.backend, named.structured_outputs.decoder) == ("outlines:no_fallback",
+                                                                                   "outlines")
+    assert named.structured_outputs.options == {"whitespace": "compact"}  # the decoder validates them
+    with pytest.raises(ConfigError, match=r"structured_outputs\.backend: must be a guided decoder's name, "
+                                          r"optionally with ':no_fallback' \(V1 has no fallback mode\), "
+                                          r"got 'xgrammar:auto'"):
+        EngineConfig.build(structured_outputs_config={"backend": "xgrammar:auto"})
 
 
 def test_assignment_is_validated_too():

@@ -241,7 +241,7 @@ def test_v0_only_architecture_is_refused_by_name(registry):
     hf_config = transformers.LlamaConfig(**TINY, architectures=["MambaForCausalLM"])
     with pytest.raises(tokenmill.RefusedComponentError,
                        match="'MambaForCausalLM' from built-in plugin 'tokenmill.plugins.models' was refused: "
-                             "V0-only"):
+                             "this engine does not run it .*recurrent state per request"):
         loader.resolve_model_class(registry, hf_config)
 
 

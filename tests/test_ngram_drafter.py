@@ -11,9 +11,7 @@ from tokenmill.testing.conformance import CHECKS
 
 
 def make_drafter(k=4, lo=2, hi=3):
-    config = tokenmill.SpeculativeConfig(method="ngram", num_speculative_tokens=k,
-                                         prompt_lookup_min=lo, prompt_lookup_max=hi)
-    return NgramDrafter(config)
+    return NgramDrafter({"prompt_lookup_min": lo, "prompt_lookup_max": hi}, num_speculative_tokens=k)
 
 
 def propose_one(tokens, limit=100, **config):

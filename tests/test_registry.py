@@ -58,7 +58,8 @@ def test_v0_only_component_is_refused_with_reason_naming_its_distribution(plugin
     assert record.status == "refused"
     assert "recurrent state cache" in record.reason
     assert "AcmeMambaForCausalLM" not in registry.available("model")
-    with pytest.raises(RefusedComponentError, match=r"acme-mamba.*0\.3\.0.*refused.*V0-only"):
+    with pytest.raises(RefusedComponentError, match=r"acme-mamba.*0\.3\.0.*refused: this engine does not run it "
+                                                  r"\(it declares SupportsV0Only\): its recurrent state"):
         registry.get("model", "AcmeMambaForCausalLM")
 
 

@@ -9,6 +9,7 @@ import torch
 from builders import make_metadata
 from tokenmill.logprobs import LogprobsTensors, compute_logprobs, compute_logprobs_tensors, to_logprobs
 from tokenmill.sampler import NO_TOKEN, Sampler, apply_logits_processors
+from tokenmill.config import EngineConfig
 from tokenmill.sampling_metadata import SamplingMetadata
 from tokenmill.step import Logprobs
 
@@ -254,6 +255,26 @@ def test_processed_logprobs_reflect_penalties_bias_and_temperature_but_not_trunc
     random_row = torch.log_softmax(biased / 0.5, dim=-1)  # top-k 1 did not make the rest -inf
     assert torch.allclose(output.logprobs.logprobs[0, 1:], greedy_row.sort(descending=True).values)
     assert torch.allclose(output.logprobs.logprobs[1, 1:], random_row.sort(descending=True).values)
+
+
+@pytest.mark.parametrize("mode", ["raw_logits", "processed_logits"])
+def test_logits_modes_report_the_logits_themselves(mode):
+    logits = torch.tensor([[1.0, 2.0, 0.0, -1.0], [1.0, 2.0, 0.0, -1.0]])
+    metadata = make_metadata([0.0, 0.5], max_num_logprobs=4, logprobs_mode=mode, logit_bias=[{3: 3.0}, {3: 3.0}])
+
+    reported = Sampler()(logits, metadata).logprobs.logprobs[:, 1:]
+
+    if mode == "raw_logits":
+        expected = logits
+    else:  # biased; the random row divided by its temperature
+        expected = torch.tensor([[1.0, 2.0, 0.0, 2.0], [2.0, 4.0, 0.0, 4.0]])
+    assert torch.equal(reported, expected.sort(dim=-1, descending=True).values)
+
+
+@pytest.mark.parametrize("alias,mode", [("raw", "raw_logprobs"), ("processed", "processed_logprobs")])
+def test_the_short_logprobs_modes_are_aliases(alias, mode):
+    assert make_metadata([1.0], logprobs_mode=alias).logprobs_mode == mode
+    assert EngineConfig.build(logprobs_mode=alias).model.logprobs_mode == mode
 
 
 def test_column_0_is_the_sampled_token_and_its_rank_counts_better_tokens():

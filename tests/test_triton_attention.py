@@ -119,8 +119,8 @@ def check_split_kv(num_heads, num_kv_heads, head_size, block_size, dtype, device
     """Forced splits agree with one split, and both with the reference."""
     batch = make_batch(prefix_lens, query_lens, num_heads=num_heads, num_kv_heads=num_kv_heads,
                        head_size=head_size, block_size=block_size, dtype=dtype, device=device)
-    split, _ = run_triton(*batch, num_kv_splits=num_splits)
-    whole, _ = run_triton(*batch, num_kv_splits=1)
+    split, _ = run_triton(*batch, options={"num_kv_splits": num_splits})
+    whole, _ = run_triton(*batch, options={"num_kv_splits": 1})
     n = batch[4].num_actual_tokens
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(split[:n].float(), whole[:n].float(), atol=atol, rtol=rtol)
@@ -330,7 +330,7 @@ def test_gpu_split_decode_step_replays_as_a_cuda_graph():
     q, k, v, cache, md = make_batch([100, 517, 2000], [1, 1, 1], num_heads=32, num_kv_heads=8, head_size=128,
                                     block_size=16, dtype=torch.bfloat16, device="cuda")
     backend = TritonAttentionBackend(num_heads=32, num_kv_heads=8, head_size=128, dtype=torch.bfloat16,
-                                     device="cuda", num_kv_splits=4)
+                                     device="cuda", options={"num_kv_splits": 4})
     graph_cache = cache.clone()
     backend.forward(q, k, v, graph_cache.clone(), md, 128 ** -0.5)
     graph = torch.cuda.CUDAGraph()
@@ -339,7 +339,7 @@ def test_gpu_split_decode_step_replays_as_a_cuda_graph():
     for t in (q, k, v):
         t.copy_(torch.randn_like(t))
     graph.replay()
-    expected, expected_cache = run_triton(q, k, v, cache, md, num_kv_splits=4)
+    expected, expected_cache = run_triton(q, k, v, cache, md, options={"num_kv_splits": 4})
     assert torch.equal(graph_out, expected) and torch.equal(graph_cache, expected_cache)
 
 

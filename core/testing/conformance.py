@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from ..components import ATTENTION_BACKEND, DRAFTER, GUIDED_DECODER, MODEL
-from ..config import SpeculativeConfig
 from .builders import make_attention_metadata, shuffled_block_tables
 
 # (dtype, absolute tolerance, relative tolerance) for attention outputs against the fp32 reference
@@ -89,7 +88,7 @@ def attention_declares_cache_shape(cls) -> None:
 
 
 def _drafter(cls, k: int = 3):
-    return cls(SpeculativeConfig(method=cls.name, num_speculative_tokens=k, prompt_lookup_min=1, prompt_lookup_max=3))
+    return cls(num_speculative_tokens=k)
 
 
 def _random_requests(seed: int, count: int = 24) -> tuple[list[list[int]], list[int]]:

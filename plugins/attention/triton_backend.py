@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from tokenmill import AttentionBackend, AttentionMetadata
 
@@ -61,11 +63,16 @@ class TritonAttentionBackend(AttentionBackend):
     supported_block_sizes = (16, 32, 64)
     supports_cuda_graphs = True  # a decode launch neither syncs nor allocates once the workspace exists
 
-    def __init__(self, *, num_kv_splits: int | None = None, **kwargs) -> None:
-        """``num_kv_splits``: None picks per step (see the module docstring); n >= 1 always uses n."""
-        super().__init__(**kwargs)
-        if num_kv_splits is not None and not 1 <= num_kv_splits <= _MAX_SPLITS:
-            raise ValueError(f"num_kv_splits must be None or in 1..{_MAX_SPLITS}, got {num_kv_splits}")
+    class Options(BaseModel):
+        """``attention_config``. ``num_kv_splits``: None picks per step (see the module docstring);
+        n >= 1 always uses n."""
+
+        model_config = ConfigDict(extra="forbid", frozen=True)
+        num_kv_splits: int | None = Field(default=None, ge=1, le=_MAX_SPLITS)
+
+    def __init__(self, options: Any = None, **kwargs) -> None:
+        super().__init__(options, **kwargs)
+        num_kv_splits = self.options.num_kv_splits
         # imported here, not at the top: triton decides between interpreter and compiler when a
         # kernel is defined, and a test process may turn the interpreter on after loading plugins
         from tokenmill.kernels.kv_write import write_kv_cache
@@ -89,6 +96,11 @@ class TritonAttentionBackend(AttentionBackend):
             if problem:
                 return problem
         return super().unsupported_reason(head_size=head_size, dtype=dtype, device=device, block_size=block_size)
+
+    @classmethod
+    def priority(cls, device: torch.device) -> int:
+        # the kernels on CUDA; on CPU the interpreter is for testing them, far slower than torch
+        return 10 if device.type == "cuda" else -10
 
     @staticmethod
     def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int,

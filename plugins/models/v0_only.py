@@ -1,4 +1,4 @@
-"""Model kinds that only a V0-style engine runs: declared so the registry refuses them by name.
+"""Model kinds this engine does not run: declared so the registry refuses them by name, saying why.
 
 Each class stands for a family of HuggingFace architectures. They are never
 instantiated: the registry refuses ``SupportsV0Only`` classes before looking at
@@ -10,7 +10,7 @@ from tokenmill import Model, SupportsV0Only
 class MambaModels(Model, SupportsV0Only):
     architectures = ("MambaForCausalLM", "Mamba2ForCausalLM", "FalconMambaForCausalLM")
     v0_only_reason = ("Mamba state-space models carry a recurrent state per request, "
-                      "which the V1 paged KV cache does not hold")
+                      "which this engine's paged KV cache does not hold")
 
 
 class HybridMambaModels(Model, SupportsV0Only):
@@ -25,7 +25,7 @@ class EncoderDecoderModels(Model, SupportsV0Only):
                      "BartForConditionalGeneration", "MBartForConditionalGeneration",
                      "MarianMTModel", "WhisperForConditionalGeneration")
     v0_only_reason = ("encoder-decoder models need an encoder pass and cross-attention; "
-                      "the V1 engine runs decoder-only models")
+                      "this engine runs decoder-only models")
 
 
 class PoolingModels(Model, SupportsV0Only):

@@ -30,8 +30,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, model_validator
 
-from tokenmill import Drafter, SpeculativeConfig
+from tokenmill import Drafter
 
 # A candidate visit in numpy costs ~1/40 of a KMP loop step (measured), so 8 visits per
 # token keep ordinary text on the fast path and cap the waste before the fallback at ~20%.
@@ -43,11 +44,29 @@ class NgramDrafter(Drafter):
 
     name = "ngram"
 
-    def __init__(self, config: SpeculativeConfig) -> None:
-        super().__init__(config)
-        self.num_speculative_tokens = config.num_speculative_tokens
-        self.min_n = config.prompt_lookup_min
-        self.max_n = config.prompt_lookup_max
+    class Options(BaseModel):
+        """vLLM's names. One bound given: both are it; none: both are 5."""
+
+        model_config = ConfigDict(extra="forbid", frozen=True)
+        prompt_lookup_min: int | None = None
+        prompt_lookup_max: int | None = None
+
+        @model_validator(mode="after")
+        def _bounds(self) -> "NgramDrafter.Options":
+            lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+            lo, hi = (5, 5) if lo is None and hi is None else (hi if lo is None else lo, lo if hi is None else hi)
+            if lo < 1:
+                raise ValueError(f"prompt_lookup_min must be >= 1, got {lo}")
+            if lo > hi:
+                raise ValueError(f"prompt_lookup_min ({lo}) must be <= prompt_lookup_max ({hi})")
+            object.__setattr__(self, "prompt_lookup_min", lo)  # frozen: set once, here
+            object.__setattr__(self, "prompt_lookup_max", hi)
+            return self
+
+    def __init__(self, options: Any = None, *, num_speculative_tokens: int = 1) -> None:
+        super().__init__(options, num_speculative_tokens=num_speculative_tokens)
+        self.min_n = self.options.prompt_lookup_min
+        self.max_n = self.options.prompt_lookup_max
 
     @classmethod
     def capabilities(cls) -> dict[str, Any]:

@@ -457,8 +457,8 @@ class XGrammarDecoder(GuidedDecoder):
     modes = ("json", "regex", "choice", "grammar", "json_object")
     max_cached_grammars = 512
 
-    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
-        super().__init__(tokenizer, vocab_size)
+    def __init__(self, tokenizer: Any, vocab_size: int, *, options: Any = None) -> None:
+        super().__init__(tokenizer, vocab_size, options=options)
         self.tokenizer_info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self._compiler = xgr.GrammarCompiler(self.tokenizer_info, cache_enabled=False)
         self._cache: OrderedDict[tuple[str, str], xgr.CompiledGrammar] = OrderedDict()
