@@ -8,13 +8,36 @@
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
 
 from .components import ATTENTION_BACKEND, DRAFTER, GUIDED_DECODER, MODEL
 from .config import _DEPRECATED, NO_FALLBACK
 
-if TYPE_CHECKING:
-    from .registry import ComponentRecord, Registry
+
+class ComponentRecord(Protocol):
+    """What a row is made from (``registry.ComponentRecord`` has it)."""
+
+    kind: str
+    name: str
+    cls: type
+    provider: object
+    status: str
+    reason: str
+
+
+class ComponentSource(Protocol):
+    """What the matrix reads from a registry (``registry.Registry`` has it; this module does
+    not import the registry, which imports it)."""
+
+    plugin_errors: list[str]
+    skipped_plugins: list[str]
+
+    def available(self, kind: str) -> dict[str, type]: ...
+
+    def records(self, kind: str | None = None) -> Sequence[ComponentRecord]: ...
 
 # Engine-level V1 features that no component provides: (feature, status, detail).
 # Each row states what the engine in this tree does today.
@@ -55,7 +78,7 @@ def _listing(feature: str, names: list[str], none_detail: str) -> dict[str, str]
     return {"feature": feature, "status": "unavailable", "detail": none_detail}
 
 
-def feature_matrix(registry: Registry) -> dict[str, Any]:
+def feature_matrix(registry: ComponentSource) -> dict[str, Any]:
     available = {kind: registry.available(kind) for kind in (ATTENTION_BACKEND, DRAFTER, GUIDED_DECODER, MODEL)}
     refused_models = [r for r in registry.records(MODEL) if r.status == "refused"]
     guided = available[GUIDED_DECODER]
@@ -68,6 +91,7 @@ def feature_matrix(registry: Registry) -> dict[str, Any]:
     guided_row = _listing("structured_output_backends", structured, "no guided decoder registered")
     features = [
         _listing("attention_backends", sorted(available[ATTENTION_BACKEND]), "no attention backend registered"),
+        _attention_choice(available[ATTENTION_BACKEND]),
         _listing("model_architectures", sorted(available[MODEL]), "no model class registered"),
         {"feature": "unsupported_model_kinds", "status": "refused" if refused_models else "none",
          "detail": "; ".join(f"{', '.join(names)}: {reason}" for reason, names in reasons.items())},
@@ -83,6 +107,25 @@ def feature_matrix(registry: Registry) -> dict[str, Any]:
         "plugin_errors": list(registry.plugin_errors),
         "skipped_plugins": list(registry.skipped_plugins),
     }
+
+
+def _attention_choice(backends: dict[str, type]) -> dict[str, str]:
+    """Which backend each device gets when none is named: by priority, among those that
+    support the device (then the model's head size, dtype and block size decide)."""
+    parts = []
+    for device in ("cpu", "cuda"):
+        ranked, passed = [], []
+        for name, cls in backends.items():
+            problem = cls.unsupported_reason(device=device)
+            if problem:
+                passed.append(f"{name} ({problem})")
+            else:
+                ranked.append((-cls.priority(torch.device(device)), name))
+        order = ", ".join(f"{name} (priority {-p})" for p, name in sorted(ranked)) or "none"
+        parts.append(f"{device}: {order}" + (f"; not: {', '.join(passed)}" if passed else ""))
+    return {"feature": "attention_backend_selection", "status": "supported" if backends else "unavailable",
+            "detail": " | ".join(parts) + " (the first that supports the model's head size, dtype and block size "
+                                         "is used; attention_backend=NAME overrides)"}
 
 
 def format_table(matrix: dict[str, Any]) -> str:

@@ -73,3 +73,11 @@ def test_cli_reports_a_broken_plugin_as_a_one_line_error(plugin_site):
     warned = run_cli("features", "--json", "--plugin-errors", "warn", env=env)
     assert warned.returncode == 0
     assert "boom" in json.loads(warned.stdout)["plugin_errors"][0]
+
+
+def test_attention_selection_row_ranks_the_backends_per_device():
+    detail = feature(Registry(entry_points=False).feature_matrix(), "attention_backend_selection")["detail"]
+
+    cpu, cuda = detail.split(" | ")
+    assert cpu.startswith("cpu: torch (priority 0)")  # triton on CPU: slower (interpreted) or not at all
+    assert cuda.startswith("cuda: triton (priority 10), torch (priority 0)")

@@ -35,7 +35,7 @@ from ..llm_engine import LLMEngine
 from ..output_processor import OutputKind
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
-from .metrics import ServerMetrics
+from .metrics import RequestTiming, ServerMetrics
 from .tokenizer_pool import TokenizerPool
 
 logger = logging.getLogger(__name__)
@@ -67,15 +67,14 @@ class EngineUnavailableError(EngineError):
 class RequestStream:
     """One request's DELTA outputs, as an async iterator that ends after the finished one.
 
-    The timing fields are written by the engine thread only (for the metrics)."""
+    Its ``timing`` is written by the engine thread only (for the metrics)."""
 
     def __init__(self, request_id: str, engine: AsyncEngine) -> None:
         self.request_id = request_id
         self.finished = False
         self._engine = engine
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self.arrival_time = time.monotonic()
-        self.last_token_time: float | None = None
+        self.timing = RequestTiming()
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -269,7 +268,7 @@ class AsyncEngine:
             return
         finals = self.engine.abort_request([request_id])
         for final in finals:
-            self.metrics.observe_output(stream, final, time.monotonic())
+            self.metrics.observe_output(stream.timing, final, time.monotonic())
         self._post(_deliver, [(stream, final) for final in finals])
 
     def _abort_all(self) -> None:
@@ -282,7 +281,7 @@ class AsyncEngine:
         now = time.monotonic()
         for stream in streams:
             for final in self.engine.abort_request([stream.request_id]):
-                self.metrics.observe_output(stream, final, now)
+                self.metrics.observe_output(stream.timing, final, now)
         self._post(_deliver, [(stream, error) for stream in streams])
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
@@ -292,7 +291,7 @@ class AsyncEngine:
             stream = self._streams.get(output.request_id)
             if stream is None:
                 continue
-            self.metrics.observe_output(stream, output, now)
+            self.metrics.observe_output(stream.timing, output, now)
             if output.finished:
                 del self._streams[output.request_id]
             batch.append((stream, output))

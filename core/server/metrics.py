@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import bisect
 import threading
-from typing import TYPE_CHECKING, Any
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
 from ..outputs import RequestOutput
 
-if TYPE_CHECKING:
-    from .async_engine import RequestStream
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "tokenmill:"
@@ -40,6 +40,14 @@ _STAT_COUNTERS = (
     ("spec_decode_num_accepted_tokens_total", "spec_num_accepted_tokens", "Draft tokens accepted."),
     ("spec_decode_num_verify_steps_total", "spec_num_verify_steps", "Request-steps that verified drafts."),
 )
+
+
+@dataclass(slots=True)
+class RequestTiming:
+    """One request's clock for the latency histograms; written by the engine thread only."""
+
+    arrival_time: float = field(default_factory=time.monotonic)
+    last_token_time: float | None = None
 
 
 class Histogram:
@@ -73,20 +81,20 @@ class ServerMetrics:
         with self._lock:
             self._stats = stats
 
-    def observe_output(self, stream: RequestStream, output: RequestOutput, now: float) -> None:
+    def observe_output(self, timing: RequestTiming, output: RequestOutput, now: float) -> None:
         """Count one DELTA output's tokens and time it against the stream's previous one."""
         num_new = sum(len(c.token_ids) for c in output.outputs)
         with self._lock:
             if num_new:
-                if stream.last_token_time is None:
+                if timing.last_token_time is None:
                     self.prompt_tokens += len(output.prompt_token_ids)
-                    self.ttft.observe(now - stream.arrival_time)
+                    self.ttft.observe(now - timing.arrival_time)
                 else:
-                    self.itl.observe(now - stream.last_token_time)
-                stream.last_token_time = now
+                    self.itl.observe(now - timing.last_token_time)
+                timing.last_token_time = now
                 self.generation_tokens += num_new
             if output.finished:
-                self.e2e.observe(now - stream.arrival_time)
+                self.e2e.observe(now - timing.arrival_time)
                 for completion in output.outputs:
                     reason = completion.finish_reason or "abort"
                     self.finished[reason] = self.finished.get(reason, 0) + 1
