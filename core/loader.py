@@ -141,10 +141,13 @@ def load_tokenizer(source: ModelSource, tokenizer: str | None = None) -> PreTrai
 
 # ---------------------------------------------------------------- weights
 
-def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HuggingFace parameter name, tensor) pairs, read lazily one tensor at a time."""
+def iter_weights(source: ModelSource, model_cls: type[Model] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint parameter name, tensor) pairs, read lazily one tensor at a time; a GGUF
+    file's names come from ``model_cls.gguf_names``."""
     if source.format == "gguf":
-        yield from iter_gguf_weights(source.gguf_path)
+        if model_cls is None:
+            raise ValueError("reading GGUF tensors needs the model class: its gguf_names map the names")
+        yield from iter_gguf_weights(source.gguf_path, model_cls.gguf_names, model_cls.__qualname__)
     elif source.format == "safetensors":
         for shard in _safetensors_shards(source.path):
             with safe_open(str(shard), framework="pt", device="cpu") as f:
@@ -179,7 +182,7 @@ def load_model(hf_config: PretrainedConfig, model_cls: type[Model], attention: A
     if source.format == "dummy":
         _fill_dummy_weights(model, seed)
     else:
-        loaded = model.load_weights(iter_weights(source))
+        loaded = model.load_weights(iter_weights(source, type(model)))
         _check_all_loaded(model, loaded, hf_config, source)
     return model.eval()
 

@@ -1,8 +1,9 @@
 """The model class contract: a decoder-only transformer over a paged KV cache."""
 from __future__ import annotations
 
+import re
 from abc import abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -10,6 +11,34 @@ import torch
 
 from .attention import AttentionBackend, AttentionMetadata
 from .components import MODEL, Component
+
+
+_BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+@dataclass(frozen=True)
+class GGUFNames:
+    """How one llama.cpp architecture's tensor names map to a model class's checkpoint names
+    (those ``load_weights`` takes from safetensors), so the class loads GGUF files too:
+
+        global_names  token_embd.weight     -> model.embed_tokens.weight
+        block_names   blk.3.attn_q.weight   -> {block_prefix}.3.self_attn.q_proj.weight
+
+    ``permuted_qk``: llama.cpp's converter interleaved the q/k rows of each head (Llama)."""
+
+    global_names: Mapping[str, str]
+    block_names: Mapping[str, str]
+    block_prefix: str = "model.layers"
+    permuted_qk: bool = False
+
+    def checkpoint_name(self, gguf_name: str) -> str:
+        if gguf_name in self.global_names:
+            return self.global_names[gguf_name]
+        match = _BLOCK_TENSOR.fullmatch(gguf_name)
+        if match is None or match[2] not in self.block_names:
+            raise ValueError(f"GGUF tensor '{gguf_name}' has no checkpoint counterpart; known tensors: "
+                             f"{sorted(self.global_names)} and blk.N.{{{', '.join(self.block_names)}}}.{{weight,bias}}")
+        return f"{self.block_prefix}.{match[1]}.{self.block_names[match[2]]}.{match[3]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +60,9 @@ class Model(torch.nn.Module, Component):
 
     kind = MODEL
     architectures: ClassVar[tuple[str, ...]]
+    # llama.cpp architecture (GGUF ``general.architecture``) -> its tensor names; empty: the
+    # class loads no GGUF file
+    gguf_names: ClassVar[Mapping[str, GGUFNames]] = {}
 
     def __init__(self, hf_config: Any, attention: AttentionBackend) -> None:
         torch.nn.Module.__init__(self)

@@ -21,6 +21,7 @@ from tokenmill.config import DEFAULT_MODEL
 from tokenmill.gguf_loader import unpermute_qk
 from tokenmill.plugins.attention.torch_backend import TorchAttentionBackend
 from tokenmill.plugins.models.llama import LlamaForCausalLM
+from tokenmill.plugins.models.llama import LlamaForCausalLM
 from tokenmill.testing.builders import make_attention_metadata
 
 BLOCK_SIZE = 16
@@ -297,12 +298,62 @@ def test_gguf_tensors_come_back_with_hf_names_and_layout(tmp_path, arch, config)
     source = loader.resolve_model_source(str(tmp_path / "tiny.gguf"), "auto")
     assert source == loader.ModelSource(tmp_path, "gguf", gguf_file="tiny.gguf")
 
-    weights = dict(loader.iter_weights(source))
+    weights = dict(loader.iter_weights(source, LlamaForCausalLM))
     expected = {k: v for k, v in hf_model.state_dict().items()
                 if not (k == "lm_head.weight" and config.tie_word_embeddings)}
     assert weights.keys() == expected.keys()
     for name, tensor in expected.items():
         assert weights[name].dtype == torch.float32 and torch.equal(weights[name], tensor), name
+
+
+ACME_GGUF_PLUGIN = """
+    from tokenmill import hookimpl
+    from tokenmill.model_base import GGUFNames
+    from tokenmill.plugins.models.llama import LlamaForCausalLM
+
+    class AcmeForCausalLM(LlamaForCausalLM):
+        # a third-party model class: Llama layers, its own architecture name and GGUF name map
+        architectures = ("AcmeForCausalLM",)
+        gguf_names = {"llama": GGUFNames(
+            {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"},
+            {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+             "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"},
+            permuted_qk=True)}
+
+    @hookimpl
+    def tokenmill_register_models(register):
+        register(AcmeForCausalLM)
+"""
+
+
+def test_a_third_party_model_class_loads_a_gguf_file_through_its_name_map(tmp_path, plugin_site):
+    plugin_site("acme-gguf-model", ACME_GGUF_PLUGIN)
+    model_cls = tokenmill.Registry().get("model", "AcmeForCausalLM")
+    config = transformers.LlamaConfig(**TINY, tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+    hf_model = make_hf_model(config)  # the reference: the same layers under transformers' Llama
+    write_gguf(tmp_path / "tiny.gguf", "llama", hf_model)
+    source = loader.resolve_model_source(str(tmp_path / "tiny.gguf"), "auto")
+
+    model = loader.load_model(config, model_cls, make_backend(config), source=source, dtype=torch.float32,
+                              device="cpu")
+
+    ids = torch.tensor([3, 4, 5, 6, 7])
+    torch.testing.assert_close(prefill_logits(model, ids), hf_logits(hf_model, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_a_model_class_without_a_name_map_for_the_files_architecture_says_so(tmp_path):
+    config = transformers.Qwen2Config(**TINY, architectures=["Qwen2ForCausalLM"])
+    write_gguf(tmp_path / "tiny.gguf", "qwen2", make_hf_model(config))
+    source = loader.resolve_model_source(str(tmp_path / "tiny.gguf"), "auto")
+
+    class LlamaOnly(LlamaForCausalLM):
+        gguf_names = {"llama": LlamaForCausalLM.gguf_names["llama"]}
+
+    with pytest.raises(ValueError, match=r"GGUF architecture 'qwen2' in .* is not one .*LlamaOnly reads; it reads "
+                                         r"\['llama'\]"):
+        next(loader.iter_weights(source, LlamaOnly))
 
 
 # ---------------------------------------------------------------- the default model (packaged GGUF)

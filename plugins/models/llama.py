@@ -19,6 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill import AttentionBackend, AttentionMetadata, Model
+from tokenmill.model_base import GGUFNames
+
+_GGUF_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                      "output.weight": "lm_head.weight"}
+_GGUF_BLOCK_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+                     "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+                     "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                     "ffn_down": "mlp.down_proj"}
 
 # HuggingFace projection -> (fused parameter, shard index within it)
 _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -124,6 +132,9 @@ class LlamaForCausalLM(Model):
     """
 
     architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+    # llama.cpp's converter permutes Llama's q/k rows, not Qwen2's
+    gguf_names = {"llama": GGUFNames(_GGUF_GLOBAL_NAMES, _GGUF_BLOCK_NAMES, permuted_qk=True),
+                  "qwen2": GGUFNames(_GGUF_GLOBAL_NAMES, _GGUF_BLOCK_NAMES)}
 
     def __init__(self, hf_config: Any, attention: AttentionBackend) -> None:
         super().__init__(hf_config, attention)
