@@ -10,7 +10,7 @@ from .attention import AttentionBackend, AttentionMetadata
 from .components import KINDS, Component, SupportsV0Only
 from .config import (CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig,
                      StructuredOutputsConfig)
-from .drafter import Drafter
+from .drafter import DraftContext, Drafter
 from .errors import (ConfigError, PluginLoadError, RefusedComponentError, RegistrationError, TokenmillError,
                      UnknownComponentError)
 from .hookspecs import hookimpl, hookspec
@@ -24,7 +24,7 @@ from .structured import Grammar, GuidedDecoder, StructuredOutputsParams, Unsuppo
 __all__ = [
     "LLM", "LLMEngine", "CompletionOutput", "Logprob", "RequestOutput", "Request", "RequestError", "RequestStatus",
     "SamplingParams", "AttentionBackend", "AttentionMetadata", "CacheConfig", "Component", "ComponentRecord", "ConfigError",
-    "Drafter", "EngineConfig", "Grammar", "GuidedDecoder", "KINDS", "KVCacheSpec", "Model", "ModelConfig",
+    "DraftContext", "Drafter", "EngineConfig", "Grammar", "GuidedDecoder", "KINDS", "KVCacheSpec", "Model", "ModelConfig",
     "PluginLoadError", "Provider", "RefusedComponentError", "Registry", "RegistrationError",
     "SchedulerConfig", "SpeculativeConfig", "StructuredOutputsConfig", "StructuredOutputsParams",
     "SupportsV0Only", "TokenmillError", "UnknownComponentError", "UnsupportedStructuredOutput",

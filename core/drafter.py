@@ -3,11 +3,25 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
+import torch
 from pydantic import BaseModel
 
 from .components import DRAFTER, Component
+
+
+@dataclass(slots=True)
+class DraftContext:
+    """What a drafter that sets ``uses_hidden_states`` gets besides token ids, one entry per
+    request in ``propose``'s order: the target model's hidden states (what its
+    ``compute_logits`` takes) at the positions verified this step, ``[n, hidden_size]``, the
+    last row being the one that produced the request's newest token. A draft model or an
+    EAGLE head starts from them."""
+
+    hidden_states: list[torch.Tensor]
+    device: torch.device
 
 
 class Drafter(Component):
@@ -19,6 +33,7 @@ class Drafter(Component):
     """
 
     kind = DRAFTER
+    uses_hidden_states: ClassVar[bool] = False  # True: propose() also gets a DraftContext
 
     def __init__(self, options: BaseModel | Mapping[str, Any] | None = None, *,
                  num_speculative_tokens: int = 1) -> None:
@@ -40,4 +55,6 @@ class Drafter(Component):
         sequence (list or numpy array). max_num_tokens[i]: the most it may
         propose (0 means none). Returns one list of draft token ids per
         request, each at most ``max_num_tokens[i]`` long, possibly empty.
+        A class with ``uses_hidden_states = True`` is called with a third
+        argument, a ``DraftContext``.
         """

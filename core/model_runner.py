@@ -26,7 +26,7 @@ import torch
 
 from .attention import AttentionMetadata
 from .cuda_graphs import DecodeGraphRunner, StepBuffers, resolve_capture_sizes
-from .drafter import Drafter
+from .drafter import DraftContext, Drafter
 from .input_batch import InputBatch, RowState
 from .rejection_sampler import RejectionSampler
 from .request import RequestError
@@ -161,8 +161,9 @@ class ModelRunner:
         req_ids = [batch.rows[r].req_id for r in rows]
         output = ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=[], failed=failed)
         sampled: dict[int, list[int]] = {}
+        first_verified: dict[int, int] = {}  # row -> the hidden-state index of its first verified position
         if len(sample_rows):
-            sampled = self._sample(output, hidden, so, sample_rows, query_start_loc[1:][done])
+            sampled, first_verified = self._sample(output, hidden, so, sample_rows, query_start_loc[1:][done])
         for i, r in enumerate(rows):
             if batch.rows[r].params.prompt_logprobs is not None:
                 try:
@@ -179,7 +180,11 @@ class ModelRunner:
             for token in tokens:
                 batch.append_token(r, token)
         if self.drafter is not None and sampled:
-            self._propose_drafts(output, list(sampled))
+            context = None
+            if self.drafter.uses_hidden_states:
+                context = DraftContext([hidden[first_verified[r]: first_verified[r] + len(sampled[r])]
+                                        for r in sampled], self.device)
+            self._propose_drafts(output, list(sampled), context)
         return output
 
     def _is_graph_step(self, rows: np.ndarray, counts: np.ndarray, starts: np.ndarray) -> bool:
@@ -232,9 +237,10 @@ class ModelRunner:
         return hidden, query_start_loc, seq_lens
 
     def _sample(self, output: ModelRunnerOutput, hidden: torch.Tensor, so: SchedulerOutput,
-                sample_rows: np.ndarray, query_ends: np.ndarray) -> dict[int, list[int]]:
+                sample_rows: np.ndarray, query_ends: np.ndarray) -> tuple[dict[int, list[int]], dict[int, int]]:
         """Tokens for the rows whose known tokens are all computed: one sampled token, or the
-        accepted drafts plus one when drafts were scheduled (one logits row per draft + 1)."""
+        accepted drafts plus one when drafts were scheduled (one logits row per draft + 1);
+        and each row's first verified position in ``hidden``."""
         batch = self.batch
         drafts = [so.scheduled_spec_decode_tokens.get(batch.rows[r].req_id, []) for r in sample_rows]
         num_logits = np.asarray([len(d) + 1 for d in drafts], dtype=np.int64)
@@ -266,7 +272,8 @@ class ModelRunner:
                     is_guided=state.req_id in so.structured_output_request_ids)
         if lp_tensors is not None:
             self._sample_logprobs(output, lp_tensors, sample_rows, lp_rows, tokens, wanted_by_row)
-        return dict(zip(sample_rows.tolist(), tokens))
+        rows = sample_rows.tolist()
+        return dict(zip(rows, tokens)), dict(zip(rows, (query_ends - num_logits).tolist()))
 
     def _sample_logprobs(self, output: ModelRunnerOutput, tensors: LogprobsTensors, sample_rows: np.ndarray,
                          first_rows: list[int], tokens: list[list[int]], wanted_by_row: list[int | None]) -> None:
@@ -309,7 +316,7 @@ class ModelRunner:
         bitmask[logits_rows] = so.grammar_bitmask[mask_rows]
         self.apply_bitmask(logits, bitmask, logits_rows)
 
-    def _propose_drafts(self, output: ModelRunnerOutput, rows: list[int]) -> None:
+    def _propose_drafts(self, output: ModelRunnerOutput, rows: list[int], context: DraftContext | None) -> None:
         """Drafts for the next step, never past max_tokens or the model length: the step that
         verifies d drafts emits up to d + 1 tokens and needs d more KV slots."""
         batch = self.batch
@@ -320,7 +327,8 @@ class ModelRunner:
             left = state.params.max_tokens - len(state.output_token_ids)
             token_ids.append(batch.token_ids[r, :n])
             room.append(max(0, min(self.num_speculative_tokens, left - 1, self.max_model_len - 1 - n)))
-        proposals = self.drafter.propose(token_ids, room)
+        proposals = (self.drafter.propose(token_ids, room) if context is None
+                     else self.drafter.propose(token_ids, room, context))
         if len(proposals) != len(rows):
             raise RuntimeError(f"drafter {self.drafter.name!r} returned {len(proposals)} proposals for "
                                f"{len(rows)} requests")

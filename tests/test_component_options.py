@@ -9,6 +9,7 @@ key it does not declare is an error naming the key and the component.
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from builders import TINY_ENGINE_OPTIONS, assert_no_leaks, make_byte_level_checkpoint
 from tokenmill import ConfigError, EngineConfig, Registry, SamplingParams
@@ -34,6 +35,22 @@ PLUGIN = """
             type(self).num_proposals += sum(1 for n in max_num_tokens if n)
             return [[int(t[-1])] * min(n, self.options.max_repeat) if len(t) else []
                     for t, n in zip(token_ids, max_num_tokens)]
+
+    class HiddenStatesDrafter(Drafter):
+        # proposes what follows in ``references`` (whole token lists), and keeps what it was given
+        name = "hidden-states"
+        uses_hidden_states = True
+        references = []
+        seen = []
+
+        def propose(self, token_ids, max_num_tokens, context):
+            token_ids = [list(map(int, t)) for t in token_ids]
+            type(self).seen.append((token_ids, [h.clone() for h in context.hidden_states], context.device))
+            drafts = []
+            for tokens, n in zip(token_ids, max_num_tokens):
+                reference = next((r for r in self.references if r[:len(tokens)] == tokens), [])
+                drafts.append(reference[len(tokens):len(tokens) + n])
+            return drafts
 
     class CountingDecoder(XGrammarDecoder):
         name = "counting-xgrammar"
@@ -64,6 +81,7 @@ PLUGIN = """
     @hookimpl
     def tokenmill_register_drafters(register):
         register(RepeatLastDrafter)
+        register(HiddenStatesDrafter)
 
     @hookimpl
     def tokenmill_register_guided_decoders(register):
@@ -124,6 +142,27 @@ def test_a_drafter_with_options_is_selected_by_config_alone(byte_model, registry
     assert drafter.num_speculative_tokens == 3 and type(drafter).num_proposals > 0
     assert [c.token_ids for c in completions] == torch_greedy
     assert engine.get_stats()["spec_num_draft_tokens"] > 0
+
+
+def test_a_drafter_that_asks_gets_the_hidden_states_of_the_verified_positions(byte_model, registry, torch_greedy):
+    engine = make_engine(byte_model, registry, attention_backend="torch",
+                         speculative_config={"method": "hidden-states", "num_speculative_tokens": 2})
+    drafter_cls = type(engine.core.drafter)
+    drafter_cls.references = [engine.tokenizer.encode(p) + ids for p, ids in zip(PROMPTS, torch_greedy)]
+
+    completions = run(engine)
+
+    assert [c.token_ids for c in completions] == torch_greedy
+    seen = drafter_cls.seen
+    assert seen and any(len(h) > 1 for _, states, _ in seen for h in states)  # accepted drafts: several rows
+    model = engine.core.model
+    for token_ids, states, device in seen:
+        assert device == torch.device("cpu")
+        for tokens, hidden in zip(token_ids, states):
+            # each verified position's hidden state gives, greedily, the token that followed it
+            newest = tokens[len(tokens) - len(hidden):]
+            with torch.inference_mode():
+                assert model.compute_logits(hidden).argmax(dim=-1).tolist() == newest
 
 
 @pytest.mark.parametrize("extra,message", [
