@@ -61,12 +61,12 @@ class Component(ABC):
         where = f"{section}." if section else ""
         if cls.Options is None:
             if options:
-                raise ConfigError(f"{where}{next(iter(options))}: {cls.kind} '{cls.name}' takes no options")
+                raise ConfigError(f"{where}{next(iter(options))}: {cls.kind} '{cls.names()[0]}' takes no options")
             return None
         known = {info.alias or name for name, info in cls.Options.model_fields.items()}
         unknown = [key for key in options if key not in known]
         if unknown:
-            raise ConfigError(f"{where}{unknown[0]}: unknown option for {cls.kind} '{cls.name}'; its options are "
+            raise ConfigError(f"{where}{unknown[0]}: unknown option for {cls.kind} '{cls.names()[0]}'; its options are "
                               f"{sorted(known)}")
         try:
             return cls.Options.model_validate(options)
@@ -77,7 +77,7 @@ class Component(ABC):
                 place = f"{where}{key}" if key else section
                 message = error["msg"].removeprefix("Value error, ")
                 problems.append(f"{place}: {message}" if place else message)
-            raise ConfigError(f"{cls.kind} '{cls.name}': " + "; ".join(problems)) from None
+            raise ConfigError(f"{cls.kind} '{cls.names()[0]}': " + "; ".join(problems)) from None
 
     @classmethod
     def capabilities(cls) -> dict[str, Any]:

@@ -39,6 +39,7 @@ GOOD_ATTENTION = """
 
 BAD_PLUGIN = """
     import torch
+    from pydantic import BaseModel
     from tokenmill import Drafter, hookimpl
     from tokenmill.plugins.attention.torch_backend import TorchAttentionBackend
 
@@ -53,6 +54,12 @@ BAD_PLUGIN = """
             out = super().forward(q, k, v, kv_cache, md, scale)
             return out + 0.1  # wrong on purpose
 
+    class NeedsWindow(TorchAttentionBackend):
+        name = "needs-window"
+
+        class Options(BaseModel):
+            window: int  # no default: the backend cannot be built from an empty attention_config
+
     @hookimpl
     def tokenmill_register_drafters(register):
         register(Greedy)
@@ -60,6 +67,7 @@ BAD_PLUGIN = """
     @hookimpl
     def tokenmill_register_attention_backends(register):
         register(NoCausalMask)
+        register(NeedsWindow)
 """
 
 
@@ -76,7 +84,7 @@ def test_good_plugin_passes(plugin_site, tmp_path):
     plugin_site("acme-good", DRAFTER_PLUGIN + GOOD_ATTENTION.replace("    import torch\n    from tokenmill import hookimpl\n", "    import torch\n"))
     result = run_suite(plugin_site, tmp_path, "acme-good")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert re.search(r"\b5 passed\b", result.stdout), result.stdout
+    assert re.search(r"\b7 passed\b", result.stdout), result.stdout  # 5 contract checks, options for both
 
 
 def test_bad_plugin_fails_with_the_broken_contract_named(plugin_site, tmp_path):
@@ -86,6 +94,7 @@ def test_bad_plugin_fails_with_the_broken_contract_named(plugin_site, tmp_path):
     out = result.stdout
     assert "FAILED conformance[acme_bad]::drafter[too-many]::drafter_respects_bounds" in out
     assert "FAILED conformance[acme_bad]::attention_backend[no-mask]::attention_matches_reference" in out
+    assert "FAILED conformance[acme_bad]::attention_backend[needs-window]::options_are_validated" in out
     assert "differs from the reference" in out and "limit 0" in out
 
 

@@ -11,8 +11,10 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from pydantic import BaseModel
 
 from ..components import ATTENTION_BACKEND, DRAFTER, GUIDED_DECODER, MODEL
+from ..errors import ConfigError
 from .builders import make_attention_metadata, shuffled_block_tables
 
 # (dtype, absolute tolerance, relative tolerance) for attention outputs against the fp32 reference
@@ -246,9 +248,26 @@ def model_uses_paged_cache(cls) -> None:
     torch.testing.assert_close(last[0], whole[-1], atol=2e-4, rtol=1e-3)
 
 
+# ---------------------------------------------------------------- options (every kind)
+
+
+def options_are_validated(cls) -> None:
+    """The class's ``Options`` (if any) is a pydantic model whose defaults validate, and a key
+    it does not declare is a ConfigError naming the key and the component."""
+    if cls.Options is not None:
+        assert isinstance(cls.Options, type) and issubclass(cls.Options, BaseModel), \
+            f"{cls.__qualname__}.Options must be a pydantic BaseModel subclass, got {cls.Options!r}"
+        assert isinstance(cls.validate_options({}, "section"), cls.Options), \
+            f"{cls.__qualname__}.Options must validate with every option left at its default"
+    with pytest.raises(ConfigError) as raised:
+        cls.validate_options({"no_such_option_xyz": 1}, "section")
+    message = str(raised.value)
+    assert "section.no_such_option_xyz" in message and repr(cls.names()[0]) in message, message
+
+
 CHECKS: dict[str, list[Callable]] = {
-    ATTENTION_BACKEND: [attention_declares_cache_shape, attention_matches_reference],
-    DRAFTER: [drafter_respects_bounds, drafter_is_deterministic, drafter_accepts_numpy],
-    GUIDED_DECODER: [guided_choice_contract, guided_rejects_what_it_cannot_honour],
-    MODEL: [model_matches_transformers, model_uses_paged_cache],
+    ATTENTION_BACKEND: [attention_declares_cache_shape, attention_matches_reference, options_are_validated],
+    DRAFTER: [drafter_respects_bounds, drafter_is_deterministic, drafter_accepts_numpy, options_are_validated],
+    GUIDED_DECODER: [guided_choice_contract, guided_rejects_what_it_cannot_honour, options_are_validated],
+    MODEL: [model_matches_transformers, model_uses_paged_cache, options_are_validated],
 }
