@@ -23,8 +23,9 @@ from .structured import Grammar, GuidedDecoder, StructuredOutputsParams, Unsuppo
 
 __all__ = [
     "LLM", "LLMEngine", "CompletionOutput", "Logprob", "RequestOutput", "Request", "RequestError", "RequestStatus",
-    "SamplingParams", "AttentionBackend", "AttentionMetadata", "CacheConfig", "Component", "ComponentRecord", "ConfigError",
-    "DraftContext", "Drafter", "EngineConfig", "Grammar", "GuidedDecoder", "KINDS", "KVCacheSpec", "Model", "ModelConfig",
+    "SamplingParams", "AttentionBackend", "AttentionMetadata", "CacheConfig", "Component", "ComponentRecord",
+    "ConfigError", "DraftContext", "Drafter", "EngineConfig", "Grammar", "GuidedDecoder", "KINDS", "KVCacheSpec",
+    "Model", "ModelConfig",
     "PluginLoadError", "Provider", "RefusedComponentError", "Registry", "RegistrationError",
     "SchedulerConfig", "SpeculativeConfig", "StructuredOutputsConfig", "StructuredOutputsParams",
     "SupportsV0Only", "TokenmillError", "UnknownComponentError", "UnsupportedStructuredOutput",

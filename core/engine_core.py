@@ -60,9 +60,10 @@ class EngineCore:
         problem = backend_cls.unsupported_reason(block_size=block_size)
         if problem:
             raise ConfigError(f"block_size: attention backend '{backend_name}' {problem}")
-        attention = registry.create(ATTENTION_BACKEND, backend_name, config.attention_config, section="attention_config",
-                                    num_heads=self.hf_config.num_attention_heads, num_kv_heads=spec.num_kv_heads,
-                                    head_size=spec.head_size, dtype=self.dtype, device=self.device)
+        attention = registry.create(ATTENTION_BACKEND, backend_name, config.attention_config,
+                                    section="attention_config", num_heads=self.hf_config.num_attention_heads,
+                                    num_kv_heads=spec.num_kv_heads, head_size=spec.head_size, dtype=self.dtype,
+                                    device=self.device)
         self.model = load_model(self.hf_config, model_cls, attention, source=source, dtype=self.dtype,
                                 device=self.device, seed=config.seed)
         shape = backend_cls.kv_cache_shape(1, block_size, spec.num_kv_heads, spec.head_size)

@@ -126,7 +126,8 @@ def test_a_grammar_that_raises_fails_only_its_request(llm, bystander_ids, monkey
     compile_grammar = structured.decoder.compile
     monkeypatch.setattr(structured.decoder, "compile",
                         lambda spec: BrokenGrammar(compile_grammar(spec), method, after))
-    params = SamplingParams(max_tokens=16, temperature=0.0, structured_outputs=StructuredOutputsParams(regex="[a-z]{8}"))
+    params = SamplingParams(max_tokens=16, temperature=0.0,
+                            structured_outputs=StructuredOutputsParams(regex="[a-z]{8}"))
 
     victim, bystanders = run_batch(llm, params)
 

@@ -232,5 +232,6 @@ def test_llama_family_is_available(registry, arch):
                                   "T5ForConditionalGeneration", "WhisperForConditionalGeneration",
                                   "BertModel", "XLMRobertaModel"])
 def test_v0_only_architectures_are_refused_with_reason(registry, arch):
-    with pytest.raises(tokenmill.RefusedComponentError, match=f"model '{arch}' .* refused: this engine does not run it"):
+    with pytest.raises(tokenmill.RefusedComponentError,
+                       match=f"model '{arch}' .* refused: this engine does not run it"):
         registry.get("model", arch)
