@@ -17,7 +17,7 @@ from .components import ATTENTION_BACKEND, DRAFTER, GUIDED_DECODER, MODEL
 from .config import _DEPRECATED, NO_FALLBACK
 
 
-class ComponentRecord(Protocol):
+class _Record(Protocol):
     """What a row is made from (``registry.ComponentRecord`` has it)."""
 
     kind: str
@@ -37,7 +37,7 @@ class ComponentSource(Protocol):
 
     def available(self, kind: str) -> dict[str, type]: ...
 
-    def records(self, kind: str | None = None) -> Sequence[ComponentRecord]: ...
+    def records(self, kind: str | None = None) -> Sequence[_Record]: ...
 
 # Engine-level V1 features that no component provides: (feature, status, detail).
 # Each row states what the engine in this tree does today.
@@ -61,7 +61,7 @@ ENGINE_FEATURES: tuple[tuple[str, str, str], ...] = (
                                         "bad specs rejected when added; no fallback to unconstrained decoding"),
 )
 
-def component_row(record: ComponentRecord) -> dict[str, Any]:
+def component_row(record: _Record) -> dict[str, Any]:
     return {
         "kind": record.kind,
         "name": record.name,
