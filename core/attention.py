@@ -36,7 +36,11 @@ class AttentionMetadata:
     """Everything a backend needs for one step; built by the model runner.
 
     ``slot_mapping[t] == -1`` marks a padding token whose K/V must not be written.
+    ``block_tables[i]`` holds request i's block ids for its first
+    ``ceil(seq_lens[i] / block_size)`` entries; the entries past them are
+    unspecified (buffers are reused across steps): a backend never reads them.
     Tensors are on the model's device; the ``*_cpu`` copies spare host syncs.
+    ``backend_state`` is what the backend's ``prepare`` made of this metadata.
     """
 
     num_actual_tokens: int
@@ -48,6 +52,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # int64 [num_tokens]
     query_start_loc_cpu: torch.Tensor  # int32 [num_reqs + 1]
     seq_lens_cpu: torch.Tensor  # int32 [num_reqs]
+    backend_state: Any = None
 
     @property
     def num_reqs(self) -> int:
@@ -102,6 +107,13 @@ class AttentionBackend(Component):
         if block_size is not None and cls.supported_block_sizes is not None \
                 and block_size not in cls.supported_block_sizes:
             return f"block_size must be one of {list(cls.supported_block_sizes)}, got {block_size}"
+        return None
+
+    def prepare(self, metadata: AttentionMetadata) -> Any:
+        """The backend's own per-step state, made from the step's metadata once before any
+        layer runs (and once when a CUDA graph is captured: then only device work may depend
+        on it). The runner stores it as ``metadata.backend_state``; every layer's ``forward``
+        of that step reads it there. Default: none."""
         return None
 
     @classmethod

@@ -45,7 +45,6 @@ buffers; on CPU the two are one tensor.
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -198,9 +197,11 @@ class DecodeGraphRunner:
 
     @torch.inference_mode()
     def capture(self, forward: ModelForward) -> None:
-        """Capture ``forward`` (the model: input_ids, positions, metadata -> hidden states)
-        for every size, largest first so the smaller graphs reuse the shared memory pool.
-        The inputs are all padding: nothing is written to the KV cache."""
+        """Capture ``forward`` (input_ids, positions, metadata -> hidden states: the model after
+        its attention backend's ``prepare``, as the model runner's step does) for every size,
+        largest first so the smaller graphs reuse the shared memory pool. The inputs are all
+        padding: nothing is written to the KV cache. Emulated, ``forward`` runs each step on the
+        size's one metadata object, so it must prepare it each time."""
         self._forward = forward
         if self.emulate:
             return
@@ -253,10 +254,7 @@ class DecodeGraphRunner:
         self.block_tables[:s, :width].copy_(buf.dev["block_columns"][: s * width].view(s, width))
         self.num_runs[s] += 1
         if self.emulate:
-            # a fresh metadata object on the same buffers: backends may cache per-step work by
-            # metadata identity (the torch backend does), which a replay never re-runs
-            md = dataclasses.replace(self.metadata[s])
-            return self._forward(buf.dev["input_ids"][:s], buf.dev["positions"][:s], md)[:n]
+            return self._forward(buf.dev["input_ids"][:s], buf.dev["positions"][:s], self.metadata[s])[:n]
         graph, output = self._graphs[s]
         graph.replay()
         return output[:n]

@@ -98,7 +98,7 @@ class ModelRunner:
         graphs = DecodeGraphRunner(capture_sizes=sizes, max_blocks_per_req=self.batch.max_blocks_per_req,
                                    max_model_len=self.max_model_len, block_size=self.block_size,
                                    device=self.device, emulate=mode == "emulate")
-        graphs.capture(self.model)
+        graphs.capture(self._model_forward)
         self.graphs = graphs
 
     # ------------------------------------------------------------ batch state
@@ -233,8 +233,14 @@ class ModelRunner:
             query_start_loc=dev["query_start_loc"][: n + 1], seq_lens=dev["seq_lens"][:n],
             block_tables=dev["block_tables"][: n * width].view(n, width), slot_mapping=dev["slot_mapping"][:total],
             query_start_loc_cpu=buf.host["query_start_loc"][: n + 1], seq_lens_cpu=buf.host["seq_lens"][:n])
-        hidden = self.model(dev["input_ids"][:total], dev["positions"][:total], md)
+        hidden = self._model_forward(dev["input_ids"][:total], dev["positions"][:total], md)
         return hidden, query_start_loc, seq_lens
+
+    def _model_forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                       metadata: AttentionMetadata) -> torch.Tensor:
+        """The model on one step's inputs, after its attention backend has prepared the step."""
+        metadata.backend_state = self.model.attention.prepare(metadata)
+        return self.model(input_ids, positions, metadata)
 
     def _sample(self, output: ModelRunnerOutput, hidden: torch.Tensor, so: SchedulerOutput,
                 sample_rows: np.ndarray, query_ends: np.ndarray) -> tuple[dict[int, list[int]], dict[int, int]]:

@@ -66,6 +66,7 @@ PLUGIN = """
     class CountingTorchBackend(TorchAttentionBackend):
         name = "counting-torch"
         num_forwards = 0
+        num_prepares = 0
 
         class Options(BaseModel):
             tag: str = "none"
@@ -73,6 +74,10 @@ PLUGIN = """
         @classmethod
         def priority(cls, device):
             return 5  # above the built-in torch backend's 0: chosen when no backend is named
+
+        def prepare(self, metadata):
+            type(self).num_prepares += 1
+            return super().prepare(metadata)
 
         def forward(self, *args, **kwargs):
             type(self).num_forwards += 1
@@ -217,7 +222,9 @@ def test_the_highest_priority_backend_that_supports_the_model_is_chosen(byte_mod
 
     backend = engine.core.model.attention
     assert type(backend).__name__ == "CountingTorchBackend" and backend.options.tag == "fast"
-    assert type(backend).num_forwards > 0
+    num_layers = engine.core.hf_config.num_hidden_layers
+    assert type(backend).num_prepares > 0  # once per step, before the step's layers:
+    assert type(backend).num_forwards == num_layers * type(backend).num_prepares
     assert [c.token_ids for c in completions] == torch_greedy
 
 

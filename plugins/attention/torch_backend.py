@@ -61,10 +61,17 @@ class _Prefill:
 class _StepPlan:
     """What every layer of one step shares: built from the metadata alone."""
 
-    metadata: AttentionMetadata
     slots: torch.Tensor | None  # int64 write slots, None when some are -1 (masked write)
     decode: list[_DecodeBucket]
     prefill: list[_Prefill]
+
+
+@dataclass(slots=True)
+class _PlanSlot:
+    """This backend's ``metadata.backend_state``: the step's plan, built by its first layer
+    (the plan needs the cache's block count and size, which ``prepare`` does not see)."""
+
+    plan: _StepPlan | None = None
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -73,7 +80,6 @@ class TorchAttentionBackend(AttentionBackend):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._plan: _StepPlan | None = None
         # gather target reused across layers and steps: fresh large CPU tensors cost page faults
         self._workspace = torch.empty(0)
 
@@ -86,8 +92,13 @@ class TorchAttentionBackend(AttentionBackend):
                 metadata: AttentionMetadata, scale: float) -> torch.Tensor:
         n = metadata.num_actual_tokens
         key_cache, value_cache = kv_cache[0], kv_cache[1]
-        plan = self._step_plan(metadata, num_blocks=key_cache.shape[0], block_size=key_cache.shape[1],
-                               device=q.device)
+        if not isinstance(metadata.backend_state, _PlanSlot):  # a caller that did not prepare
+            metadata.backend_state = self.prepare(metadata)
+        slot = metadata.backend_state
+        if slot.plan is None:  # the step's first layer: the cache's layout is known from here
+            slot.plan = self._step_plan(metadata, num_blocks=key_cache.shape[0], block_size=key_cache.shape[1],
+                                        device=q.device)
+        plan = slot.plan
         if plan.slots is None:
             write_kv(key_cache, value_cache, k[:n], v[:n], metadata.slot_mapping[:n])
         else:
@@ -134,12 +145,12 @@ class TorchAttentionBackend(AttentionBackend):
         keys, values = gathered.view(2, -1, *kv_cache.shape[3:])
         return keys, values
 
+    def prepare(self, metadata: AttentionMetadata) -> _PlanSlot:
+        return _PlanSlot()
+
     def _step_plan(self, metadata: AttentionMetadata, num_blocks: int, block_size: int,
                    device: torch.device) -> _StepPlan:
-        """The step's plan, built on its first layer. Keyed by the metadata object: a step hands
-        the same AttentionMetadata to every layer and the runner builds a new one per step."""
-        if self._plan is not None and self._plan.metadata is metadata:
-            return self._plan
+        """The step's plan: write slots, decode buckets and prefill chunks."""
         n = metadata.num_actual_tokens
         slot_mapping = metadata.slot_mapping[:n]
         slots = slot_mapping if bool((slot_mapping >= 0).all()) else None
@@ -166,8 +177,7 @@ class TorchAttentionBackend(AttentionBackend):
                 q_pos = torch.arange(seq_len - query_len, seq_len)
                 mask = (torch.arange(seq_len)[None, :] <= q_pos[:, None]).to(device)  # [Q, seq_len]
             prefill.append(_Prefill(int(starts[i]), int(starts[i + 1]), seq_len, kv_blocks, mask))
-        self._plan = _StepPlan(metadata, slots, decode, prefill)
-        return self._plan
+        return _StepPlan(slots, decode, prefill)
 
 
 def _kv_blocks(block_ids: torch.Tensor, num_blocks: int, device: torch.device) -> torch.Tensor:
