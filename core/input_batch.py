@@ -29,13 +29,15 @@ class RowState:
     req_id: str
     params: SamplingParams
     output_token_ids: list[int]
-    prompt_token_ids: list[int]
     generator: torch.Generator | None
 
 
 class InputBatch:
-    def __init__(self, *, max_num_reqs: int, max_model_len: int, max_blocks_per_req: int) -> None:
+    def __init__(self, *, max_num_reqs: int, max_model_len: int, max_blocks_per_req: int, vocab_size: int = 0,
+                 device: torch.device | str = "cpu") -> None:
         self.max_num_reqs = max_num_reqs
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
         self.max_model_len = max_model_len
         self.max_blocks_per_req = max_blocks_per_req
         self.rows: list[RowState] = []
@@ -54,6 +56,10 @@ class InputBatch:
         self.presence_penalty = np.zeros(n, dtype=np.float32)
         self.frequency_penalty = np.zeros(n, dtype=np.float32)
         self.repetition_penalty = np.ones(n, dtype=np.float32)
+        # bool [max_num_reqs, vocab_size] on the device, True = not allowed: written when a row
+        # is added (only once some request has allowed_token_ids) and moved with it, so a step
+        # gathers its rows instead of rebuilding [B, V] masks
+        self.disallowed: torch.Tensor | None = None
 
     @property
     def num_reqs(self) -> int:
@@ -64,8 +70,7 @@ class InputBatch:
         if row >= self.max_num_reqs:
             raise RuntimeError(f"input batch is full ({self.max_num_reqs} rows)")
         tokens = [*new.prompt_token_ids, *new.output_token_ids]
-        self.rows.append(RowState(new.req_id, new.sampling_params, list(new.output_token_ids),
-                                  list(new.prompt_token_ids), generator))
+        self.rows.append(RowState(new.req_id, new.sampling_params, list(new.output_token_ids), generator))
         self.req_id_to_row[new.req_id] = row
         self.token_ids[row, : len(tokens)] = tokens
         self.num_tokens[row] = len(tokens)
@@ -81,6 +86,12 @@ class InputBatch:
         self.presence_penalty[row] = p.presence_penalty
         self.frequency_penalty[row] = p.frequency_penalty
         self.repetition_penalty[row] = p.repetition_penalty
+        if p.allowed_token_ids and self.disallowed is None:
+            self.disallowed = torch.zeros((self.max_num_reqs, self.vocab_size), dtype=torch.bool, device=self.device)
+        if self.disallowed is not None:
+            self.disallowed[row] = bool(p.allowed_token_ids)
+            if p.allowed_token_ids:
+                self.disallowed[row, torch.tensor(p.allowed_token_ids, device=self.device)] = False
         return row
 
     def append_blocks(self, row: int, block_ids: list[int]) -> None:
@@ -116,3 +127,11 @@ class InputBatch:
                        self.temperature, self.top_p, self.top_k, self.min_p, self.presence_penalty,
                        self.frequency_penalty, self.repetition_penalty):
             column[dst] = column[src]
+        if self.disallowed is not None:
+            self.disallowed[dst] = self.disallowed[src]
+
+    def prompt_token_ids(self, rows: np.ndarray) -> np.ndarray:
+        """int64 [len(rows), the longest prompt]: each row's prompt, padded with vocab_size."""
+        width = int(self.num_prompt_tokens[rows].max())
+        ids = self.token_ids[rows, :width]
+        return np.where(np.arange(width)[None, :] < self.num_prompt_tokens[rows, None], ids, self.vocab_size)

@@ -66,7 +66,8 @@ class ModelRunner:
         self.logprobs_mode = logprobs_mode
         self.eos_token_id = eos_token_id
         self.batch = InputBatch(max_num_reqs=max_num_reqs, max_model_len=max_model_len,
-                                max_blocks_per_req=(max_model_len + block_size - 1) // block_size + 1)
+                                max_blocks_per_req=(max_model_len + block_size - 1) // block_size + 1,
+                                vocab_size=vocab_size, device=device)
         self.sampler = Sampler()
         # Seeded generators outlive preemption so a resumed request continues its stream.
         self._generators: dict[str, torch.Generator] = {}
@@ -379,19 +380,10 @@ class ModelRunner:
         repetition = column(batch.repetition_penalty[rows], 1.0)
         prompt_ids = None
         if repetition is not None:
-            width = int(batch.num_prompt_tokens[rows].max())
-            prompt_ids = torch.full((len(rows), width), self.vocab_size, dtype=torch.int64)
-            for i, s in enumerate(states):
-                prompt_ids[i, : len(s.prompt_token_ids)] = torch.tensor(s.prompt_token_ids)
-            prompt_ids = prompt_ids.to(dev, non_blocking=True)
+            prompt_ids = torch.from_numpy(batch.prompt_token_ids(rows)).to(dev, non_blocking=True)
         allowed_mask = None
         if any(s.params.allowed_token_ids for s in states):
-            allowed_mask = torch.zeros((len(rows), self.vocab_size), dtype=torch.bool)
-            for i, s in enumerate(states):
-                if s.params.allowed_token_ids:
-                    allowed_mask[i] = True
-                    allowed_mask[i, s.params.allowed_token_ids] = False
-            allowed_mask = allowed_mask.to(dev, non_blocking=True)
+            allowed_mask = batch.disallowed[torch.from_numpy(rows).to(dev, non_blocking=True)]
         min_tokens = {}
         for i, s in enumerate(states):
             if s.params.min_tokens and len(outputs[i]) < s.params.min_tokens:
