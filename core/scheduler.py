@@ -175,6 +175,7 @@ class Scheduler:
             del self.requests[request.request_id]
         self._ignored = []
         finished_ids: set[str] = set()
+        failed = runner_output.failed
         for req_id, sampled in zip(runner_output.req_ids, runner_output.sampled_token_ids):
             request = self.requests.get(req_id)
             if request is None or request.status != RequestStatus.RUNNING:
@@ -187,9 +188,8 @@ class Scheduler:
                                      f"{len(scheduled_spec) + 1} (the scheduled drafts + 1) are possible")
                 self._roll_back_rejected(request, scheduled_spec, sampled)
                 new_token_ids = self._append_until_stop(request, sampled)
-            error = runner_output.failed.get(req_id)
-            if error is not None and not request.is_finished:
-                request.fail(error)
+            if failed and req_id in failed and not request.is_finished:
+                request.fail(failed[req_id])
             if request.is_finished:
                 finished_ids.add(req_id)
                 self._free(request)
@@ -287,29 +287,26 @@ class Scheduler:
         """Append tokens one by one; the first that stops the request (a stop condition, or
         the end of its grammar) is the last one kept. A stage that raises fails this request
         alone, keeping the tokens appended before it."""
-        num_before = request.num_output_tokens
+        num_before = len(request.output_token_ids)
         try:
-            return self._append_checked(request, sampled)
+            for count, token_id in enumerate(sampled, 1):
+                # the grammar first: a token it refuses must not be emitted, nor pass for an EOS
+                if request.grammar is not None and not request.grammar.accept_tokens([token_id]):
+                    self._refused_by_grammar(request, token_id)
+                    return sampled[:count - 1]
+                request.append_output_token_ids([token_id])
+                stopped = check_stop(request, self.max_model_len)
+                if not stopped and request.grammar is not None and request.grammar.is_terminated():
+                    request.status = RequestStatus.FINISHED_STOPPED
+                    request.stop_reason = token_id
+                    stopped = True
+                if stopped:
+                    return sampled[:count]
         except Exception as exc:
             logger.exception("request %s: checking its new tokens failed", request.request_id)
             request.fail(RequestError(f"checking the request's new tokens (stop conditions, grammar) failed: "
                                       f"{exc!r}"))
             return request.output_token_ids[num_before:]
-
-    def _append_checked(self, request: Request, sampled: list[int]) -> list[int]:
-        for count, token_id in enumerate(sampled, 1):
-            # the grammar first: a token it refuses must not be emitted, nor pass for an EOS
-            if request.grammar is not None and not request.grammar.accept_tokens([token_id]):
-                self._refused_by_grammar(request, token_id)
-                return sampled[:count - 1]
-            request.append_output_token_ids([token_id])
-            stopped = check_stop(request, self.max_model_len)
-            if not stopped and request.grammar is not None and request.grammar.is_terminated():
-                request.status = RequestStatus.FINISHED_STOPPED
-                request.stop_reason = token_id
-                stopped = True
-            if stopped:
-                return sampled[:count]
         return sampled
 
     @staticmethod
