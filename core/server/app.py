@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from .async_engine import AsyncEngine, EngineDeadError, EngineUnavailableError
+from .async_engine import AsyncEngine, EngineError
 from .chat import create_chat_completion
 from .completions import create_completion
 from .errors import APIError, ErrorResponse, error_body
@@ -166,14 +166,11 @@ def _add_error_handlers(app: FastAPI) -> None:
         expected = dict.fromkeys(tag for path, tag in paths if path == param and tag is not None)
         return reply(400, f"{param}: invalid value; expected {' or '.join(expected)}", param)
 
-    @app.exception_handler(EngineUnavailableError)
-    async def unavailable(request: Request, exc: EngineUnavailableError) -> JSONResponse:
-        headers = None if exc.retry_after is None else {"Retry-After": str(math.ceil(exc.retry_after))}
-        return reply(503, str(exc), headers=headers)
-
-    @app.exception_handler(EngineDeadError)
-    async def dead(request: Request, exc: EngineDeadError) -> JSONResponse:
-        return reply(500, str(exc))
+    @app.exception_handler(EngineError)
+    async def engine_error(request: Request, exc: EngineError) -> JSONResponse:
+        retry_after = getattr(exc, "retry_after", None)  # a full queue or a shutdown: try again later
+        headers = None if retry_after is None else {"Retry-After": str(math.ceil(retry_after))}
+        return reply(exc.status, str(exc), headers=headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:

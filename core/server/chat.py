@@ -75,8 +75,7 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
     body = ChatCompletionResponse(id=request_id, model=state.model_name, choices=choices,
                                   usage=usage(len(result.prompt_token_ids),
                                               sum(len(c.token_ids) for c in result.choices)),
-                                  prompt_logprobs=None if request.prompt_logprobs is None or result.prompt_logprobs
-                                  is None else prompt_logprobs(result.prompt_logprobs))
+                                  prompt_logprobs=prompt_logprobs(request.prompt_logprobs, result.prompt_logprobs))
     return Response(body.model_dump_json(), media_type="application/json")
 
 

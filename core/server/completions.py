@@ -75,10 +75,9 @@ def _choice(request: CompletionRequest, index: int, text: str, token_ids: list[i
     if request.logprobs is not None:
         choice_logprobs = completion_logprobs(token_ids, positions, request.logprobs, text_offset,
                                               echo.first_token_text if echo else "")
-    asked_prompt_logprobs = request.prompt_logprobs is not None and prompt_logprobs_in is not None
     return CompletionChoice(index=index, text=text, logprobs=choice_logprobs, finish_reason=finish_reason,
                             stop_reason=stop_reason,
-                            prompt_logprobs=prompt_logprobs(prompt_logprobs_in) if asked_prompt_logprobs else None)
+                            prompt_logprobs=prompt_logprobs(request.prompt_logprobs, prompt_logprobs_in))
 
 
 async def _stream(request: CompletionRequest, request_id: str, model: str, streams: list[RequestStream],

@@ -158,7 +158,11 @@ def completion_logprobs(token_ids: list[int], positions: list[PositionLogprobs |
     return out
 
 
-def prompt_logprobs(positions: list[PositionLogprobs | None]) -> PromptLogprobs:
+def prompt_logprobs(asked: int | None, positions: list[PositionLogprobs | None] | None) -> PromptLogprobs | None:
+    """vLLM's ``prompt_logprobs`` of a response: only when the request ``asked`` for them (the
+    engine also computes them to echo a prompt with its logprobs)."""
+    if asked is None or positions is None:
+        return None
     return [None if entry is None else
             {token_id: PromptLogprob(logprob=_floor(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token)
              for token_id, lp in entry.items()} for entry in positions]
