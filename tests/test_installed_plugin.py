@@ -45,15 +45,20 @@ def tokenmill_register_models(register):
 """
 
 
-def test_pip_installed_plugin_appears_in_features(tmp_path):
-    project = tmp_path / "tokenmill-acme"
+def pip_install(tmp_path, module: str, pyproject: str, source: str) -> dict[str, str]:
+    """pip-install a one-module package into a folder; the environment that sees it."""
+    project = tmp_path / module
     project.mkdir()
-    (project / "pyproject.toml").write_text(textwrap.dedent(PYPROJECT))
-    (project / "tokenmill_acme.py").write_text(textwrap.dedent(MODULE))
+    (project / "pyproject.toml").write_text(textwrap.dedent(pyproject))
+    (project / f"{module}.py").write_text(textwrap.dedent(source))
     target = tmp_path / "target"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--no-index", "--target", str(target), str(project)], check=True, timeout=300)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), *sys.path])}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), *sys.path])}
+
+
+def test_pip_installed_plugin_appears_in_features(tmp_path):
+    env = pip_install(tmp_path, "tokenmill_acme", PYPROJECT, MODULE)
     result = subprocess.run([sys.executable, "-m", "tokenmill.cli", "features", "--json"], capture_output=True,
                             text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -146,18 +151,11 @@ print(json.dumps({"model": type(core.model).__name__, "attention": [type(core.mo
 def test_a_pip_installed_package_provides_all_four_kinds_selected_by_config_alone(tmp_path):
     from builders import make_byte_level_checkpoint
 
-    project = tmp_path / "tokenmill-acme-four"
-    project.mkdir()
-    (project / "pyproject.toml").write_text(textwrap.dedent(FOUR_KINDS_PYPROJECT))
-    (project / "tokenmill_acme_four.py").write_text(textwrap.dedent(FOUR_KINDS_MODULE))
-    target = tmp_path / "target"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(target), str(project)], check=True, timeout=300)
+    env = pip_install(tmp_path, "tokenmill_acme_four", FOUR_KINDS_PYPROJECT, FOUR_KINDS_MODULE)
     model = tmp_path / "model"
     make_byte_level_checkpoint(model, seed=2)
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "architectures": ["AcmeForCausalLM"]}))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), *sys.path])}
 
     result = subprocess.run([sys.executable, "-c", RUN_FOUR_KINDS, str(model)], capture_output=True, text=True,
                             env=env, timeout=300)
