@@ -39,8 +39,12 @@ class _Child:
     sent_tokens: int = 0
     sent_logprobs: int = 0
 
-    def fail(self, stage: str, exc: Exception) -> None:
+    def fail(self, stage: str, exc: Exception, to_fail: list[str]) -> None:
+        """End with finish reason "error"; the engine must end the request too (``to_fail``)
+        unless it already had."""
         logger.exception("request %s: %s failed", self.request.request_id, stage)
+        if self.finish_reason is None:
+            to_fail.append(self.request.request_id)
         self.finish_reason, self.error = "error", RequestError(f"{stage} failed: {exc!r}")
 
 
@@ -108,9 +112,7 @@ class OutputProcessor:
                 if child.finish_reason is None:
                     self._update_child(child, out, to_stop)
             except Exception as exc:
-                if child.finish_reason is None:
-                    to_fail.append(out.req_id)
-                child.fail("detokenizing the output or its logprobs", exc)
+                child.fail("detokenizing the output or its logprobs", exc, to_fail)
             parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
             touched[parent.request_id] = parent
         results = []
@@ -167,9 +169,7 @@ class OutputProcessor:
                 texts[child.index] = child.detokenizer.get_next_output_text(child.finish_reason is not None, delta)
             except Exception as exc:
                 texts[child.index] = ""
-                if child.finish_reason is None:
-                    to_fail.append(child.request.request_id)
-                child.fail("detokenizing the output", exc)
+                child.fail("detokenizing the output", exc, to_fail)
         completions = []
         for child in sorted(parent.children.values(), key=lambda c: c.index):
             text = texts[child.index]
