@@ -10,9 +10,10 @@ sampled (or prompt logprobs are asked for), sample.
     query_start_loc        0              1                      5       6
     logits_indices         0                                     5       (b's prompt is not done)
 
-Inputs are staged in persistent buffers (pinned on CUDA) and copied to persistent
-device buffers without blocking; a decode step (one token per request) replays a
-CUDA graph when the runner has captured them (see ``cuda_graphs``). Uploads after the
+``input_layout`` lays the inputs out, for eager and graph steps alike, in persistent
+buffers (pinned on CUDA) copied to persistent device buffers without blocking; a
+decode step (one token per request) replays a CUDA graph when the runner has captured
+them (see ``cuda_graphs``): the same layout, padded to the graph's size. Uploads after the
 forward do not block either, so a plain step's only wait for the device is reading the
 sampled tokens back (logprobs, top-k alone and drafts add their own reads).
 """
@@ -25,9 +26,10 @@ import numpy as np
 import torch
 
 from .attention import AttentionMetadata
-from .cuda_graphs import DecodeGraphRunner, StepBuffers, resolve_capture_sizes
+from .cuda_graphs import DecodeGraphRunner, resolve_capture_sizes
 from .drafter import DraftContext, Drafter
 from .input_batch import InputBatch, RowState
+from .input_layout import InputLayout
 from .rejection_sampler import RejectionSampler
 from .request import RequestError
 from .sampler import NO_TOKEN, LogprobsTensors, Sampler, SamplingMetadata, compute_logprobs_tensors, to_logprobs
@@ -75,14 +77,9 @@ class ModelRunner:
         # by recompute computes its prompt again, and must not report those positions twice.
         self._num_prompt_logprobs_done: dict[str, int] = {}
         self.max_num_tokens = max_num_tokens or max(max_num_reqs, 2048)
-        # eager steps: flat layout, block table [num_rows, width of the step's longest row]
-        t, r = self.max_num_tokens, max_num_reqs
-        self._inputs = StepBuffers(torch.device(device), {
-            "input_ids": ((t,), torch.int64), "positions": ((t,), torch.int64), "slot_mapping": ((t,), torch.int64),
-            "seq_lens": ((r,), torch.int32), "query_start_loc": ((r + 1,), torch.int32),
-            "block_tables": ((r * self.batch.max_blocks_per_req,), torch.int32)})
-        self._arange = np.arange(max(t, r) + 1, dtype=np.int64)
-        self._arange.flags.writeable = False
+        self.inputs = InputLayout(max_num_tokens=self.max_num_tokens, max_num_reqs=max_num_reqs,
+                                  max_blocks_per_req=self.batch.max_blocks_per_req, block_size=block_size,
+                                  max_model_len=max_model_len, device=device)
         self.graphs: DecodeGraphRunner | None = None
         if cudagraph_mode != "off":
             self.init_cuda_graphs(cudagraph_mode, cudagraph_capture_sizes)
@@ -96,9 +93,7 @@ class ModelRunner:
         if not sizes:
             self.graphs = None
             return
-        graphs = DecodeGraphRunner(capture_sizes=sizes, max_blocks_per_req=self.batch.max_blocks_per_req,
-                                   max_model_len=self.max_model_len, block_size=self.block_size,
-                                   device=self.device, emulate=mode == "emulate")
+        graphs = DecodeGraphRunner(capture_sizes=sizes, inputs=self.inputs, emulate=mode == "emulate")
         graphs.capture(self._model_forward)
         self.graphs = graphs
 
@@ -149,12 +144,14 @@ class ModelRunner:
         rows_arr = np.asarray(rows)
         counts = np.asarray([so.num_scheduled_tokens[batch.rows[r].req_id] for r in rows], dtype=np.int32)
         starts = batch.num_computed_tokens[rows_arr]
-        if self._is_graph_step(rows_arr, counts, starts):
-            hidden = self.graphs.run(batch.token_ids[rows_arr, starts], starts, batch.block_table, rows_arr)
-            query_start_loc = self._arange[: len(rows) + 1]
-            seq_lens = starts + 1
+        padded_size = self.graphs.padded_size(len(rows)) if self._is_graph_step(rows_arr, counts, starts) else None
+        step = self.inputs.prepare(rows_arr, counts, starts, token_ids=batch.token_ids,
+                                   block_table=batch.block_table, padded_size=padded_size)
+        if padded_size is None:
+            hidden = self._model_forward(step.input_ids, step.positions, step.metadata)
         else:
-            hidden, query_start_loc, seq_lens = self._forward_eager(rows_arr, counts, starts)
+            hidden = self.graphs.run(step)
+        query_start_loc, seq_lens = step.query_start_loc, step.seq_lens
 
         # a row samples when this step reaches the end of its known tokens (drafts lie beyond it)
         done = seq_lens >= batch.num_tokens[rows_arr]
@@ -197,45 +194,6 @@ class ModelRunner:
         batch = self.batch
         return not any(batch.rows[r].params.prompt_logprobs is not None and start < batch.num_prompt_tokens[r] - 1
                        for r, start in zip(rows.tolist(), starts.tolist()))
-
-    def _forward_eager(self, rows: np.ndarray, counts: np.ndarray,
-                       starts: np.ndarray) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        """The model on the flat layout of the step's tokens: (hidden states, query_start_loc,
-        seq_lens), the last two host arrays valid until the next step."""
-        batch, block_size = self.batch, self.block_size
-        n = len(rows)
-        total = int(counts.sum())
-        width = int(batch.num_blocks[rows].max())
-        if total >= len(self._arange):  # the staging buffers grow too
-            self._arange = np.arange(2 * total + 1, dtype=np.int64)
-            self._arange.flags.writeable = False
-        buf = self._inputs
-        buf.acquire(input_ids=total, positions=total, slot_mapping=total, seq_lens=n, query_start_loc=n + 1,
-                    block_tables=n * width)
-        query_start_loc = buf.np["query_start_loc"][: n + 1]
-        query_start_loc[0] = 0
-        np.cumsum(counts, out=query_start_loc[1:])
-        # flat token layout: request i covers positions starts[i] .. starts[i] + counts[i] - 1
-        row_of_token = np.repeat(rows, counts)
-        positions = buf.np["positions"][:total]
-        np.add(self._arange[:total], np.repeat(starts - query_start_loc[:-1], counts), out=positions)
-        buf.np["input_ids"][:total] = batch.token_ids[row_of_token, positions]
-        slot_mapping = buf.np["slot_mapping"][:total]
-        np.multiply(batch.block_table[row_of_token, positions // block_size], block_size, out=slot_mapping,
-                    dtype=np.int64)
-        slot_mapping += positions % block_size
-        seq_lens = buf.np["seq_lens"][:n]
-        np.add(starts, counts, out=seq_lens)
-        buf.np["block_tables"][: n * width].reshape(n, width)[:] = batch.block_table[rows, :width]
-        buf.upload()
-        dev = buf.dev
-        md = AttentionMetadata(
-            num_actual_tokens=total, max_query_len=int(counts.max()), max_seq_len=int(seq_lens.max()),
-            query_start_loc=dev["query_start_loc"][: n + 1], seq_lens=dev["seq_lens"][:n],
-            block_tables=dev["block_tables"][: n * width].view(n, width), slot_mapping=dev["slot_mapping"][:total],
-            query_start_loc_cpu=buf.host["query_start_loc"][: n + 1], seq_lens_cpu=buf.host["seq_lens"][:n])
-        hidden = self._model_forward(dev["input_ids"][:total], dev["positions"][:total], md)
-        return hidden, query_start_loc, seq_lens
 
     def _model_forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                        metadata: AttentionMetadata) -> torch.Tensor:

@@ -33,9 +33,10 @@ import transformers  # noqa: E402
 from builders import (TINY_CONFIGS, assert_no_leaks, make_checkpoint, make_llm, output_ids,  # noqa: E402
                       random_prompts, token_prompts)
 from tokenmill.config import EngineConfig  # noqa: E402
-from tokenmill.cuda_graphs import (DecodeGraphRunner, StepBuffers, decode_graph_mode,  # noqa: E402
-                                   default_capture_sizes, resolve_capture_sizes)
+from tokenmill.cuda_graphs import (DecodeGraphRunner, decode_graph_mode, default_capture_sizes,  # noqa: E402
+                                   resolve_capture_sizes)
 from tokenmill.errors import ConfigError  # noqa: E402
+from tokenmill.input_layout import InputLayout, StepBuffers  # noqa: E402
 from tokenmill.llm import LLM  # noqa: E402
 from tokenmill.plugins.attention import TorchAttentionBackend, TritonAttentionBackend  # noqa: E402
 from tokenmill.sampling_params import SamplingParams  # noqa: E402
@@ -120,17 +121,20 @@ def test_capture_sizes_are_capped_by_the_seats_and_the_token_budget():
         resolve_capture_sizes([0, 4], 16)
 
 
+def layout(max_num_reqs: int = 8, max_num_tokens: int = 32) -> InputLayout:
+    return InputLayout(max_num_tokens=max_num_tokens, max_num_reqs=max_num_reqs, max_blocks_per_req=3, block_size=16,
+                       max_model_len=40, device=torch.device("cpu"))
+
+
 def test_a_batch_pads_to_the_next_captured_size():
-    graphs = DecodeGraphRunner(capture_sizes=[8, 1, 4, 2], max_blocks_per_req=3, max_model_len=40,
-                               block_size=16, device=torch.device("cpu"), emulate=True)
+    graphs = DecodeGraphRunner(capture_sizes=[8, 1, 4, 2], inputs=layout(), emulate=True)
     assert graphs.sizes == [1, 2, 4, 8]
     assert [graphs.padded_size(n) for n in (1, 2, 3, 4, 5, 8, 9, 0)] == [1, 2, 4, 4, 8, 8, None, None]
 
 
 def test_real_capture_needs_cuda():
     with pytest.raises(ValueError, match="CUDA"):
-        DecodeGraphRunner(capture_sizes=[1], max_blocks_per_req=3, max_model_len=40, block_size=16,
-                          device=torch.device("cpu"))
+        DecodeGraphRunner(capture_sizes=[1], inputs=layout())
 
 
 def test_enforce_eager_and_capture_sizes_are_engine_options():
@@ -161,32 +165,62 @@ def test_a_cpu_engine_runs_eagerly(checkpoint):
 
 # ---------------------------------------------------------------- static buffers
 
-def test_static_buffers_hold_the_real_rows_then_padding():
-    seen = []
-    graphs = DecodeGraphRunner(capture_sizes=[1, 2, 4, 8], max_blocks_per_req=3, max_model_len=40,
-                               block_size=16, device=torch.device("cpu"), emulate=True)
-    graphs.capture(lambda ids, pos, md: seen.append((ids.clone(), pos.clone(), md)) or ids[:, None].float())
+def test_one_layout_for_eager_and_graph_steps():
+    """A graph step is the eager layout of its rows, then padding rows, in the same buffers."""
+    inputs = layout()
+    token_ids = np.arange(4 * 41).reshape(4, 41)
     table = np.array([[7, 9, 4], [5, 0, 0], [3, 8, 0], [6, 2, 1]], dtype=np.int32)
-    hidden = graphs.run(np.array([11, 12, 13]), np.array([20, 3, 17], dtype=np.int32), table, np.array([0, 2, 3]))
-    assert hidden[:, 0].tolist() == [11, 12, 13]  # the real rows of the output
+    rows, counts, starts = np.array([0, 2, 3]), np.ones(3, dtype=np.int32), np.array([20, 3, 17], dtype=np.int32)
+    eager = inputs.prepare(rows, counts, starts, token_ids=token_ids, block_table=table)
+    eager_view = (eager.input_ids.tolist(), eager.positions.tolist(), eager.metadata.slot_mapping.tolist(),
+                  eager.metadata.seq_lens.tolist(), eager.metadata.query_start_loc.tolist(),
+                  eager.metadata.block_tables.tolist())
+    assert eager_view == ([20, 2 * 41 + 3, 3 * 41 + 17], [20, 3, 17], [9 * 16 + 4, 3 * 16 + 3, 2 * 16 + 1],
+                          [21, 4, 18], [0, 1, 2, 3], [[7, 9], [3, 8], [6, 2]])  # the longest row's 2 blocks
+    assert (eager.metadata.num_actual_tokens, eager.metadata.max_seq_len) == (3, 21)
+
+    seen = []
+    graphs = DecodeGraphRunner(capture_sizes=[1, 2, 4, 8], inputs=inputs, emulate=True)
+    graphs.capture(lambda ids, pos, md: seen.append((ids.clone(), pos.clone(), md)) or ids[:, None].float())
+    step = inputs.prepare(rows, counts, starts, token_ids=token_ids, block_table=table,
+                          padded_size=graphs.padded_size(3))
+    hidden = graphs.run(step)
+    assert hidden[:3, 0].tolist() == eager_view[0]
     ids, pos, md = seen[-1]
-    assert ids.tolist() == [11, 12, 13, 0] and pos.tolist() == [20, 3, 17, 0]
+    assert ids.tolist() == eager_view[0] + [0] and pos.tolist() == eager_view[1] + [0]
     assert (md.num_actual_tokens, md.max_query_len, md.max_seq_len, md.num_reqs) == (4, 1, 40, 4)
-    assert md.slot_mapping.tolist() == [9 * 16 + 4, 3 * 16 + 3, 2 * 16 + 1, -1]
-    assert md.seq_lens.tolist() == md.seq_lens_cpu.tolist() == [21, 4, 18, 1]
+    assert md.slot_mapping.tolist() == eager_view[2] + [-1]
+    assert md.seq_lens.tolist() == md.seq_lens_cpu.tolist() == eager_view[3] + [1]
     assert md.query_start_loc.tolist() == [0, 1, 2, 3, 4]
-    # the columns up to the longest row's last block (position 20: 2 blocks); later ones are never read
-    assert md.block_tables[:, :2].tolist() == [[7, 9], [3, 8], [6, 2], [0, 0]]
+    assert md.block_tables.shape == (4, 3)  # full width: a graph's shapes are fixed at capture
+    assert md.block_tables[:3, :2].tolist() == eager_view[5] and md.block_tables[3, 0] == 0
+    assert step.query_start_loc.tolist() == [0, 1, 2, 3] and step.seq_lens.tolist() == [21, 4, 18]
 
     # a smaller batch at the same size: the old third row becomes padding, at the same addresses
-    graphs.run(np.array([21]), np.array([5], dtype=np.int32), table, np.array([1]))
-    _, _, small = seen[-1]
-    assert small.num_actual_tokens == 1 and small.slot_mapping.tolist() == [5 * 16 + 5]
-    graphs.run(np.array([21, 22, 23]), np.array([5, 6, 7], dtype=np.int32), table, np.array([1, 1, 1]))
-    _, _, again = seen[-1]
-    assert again is md  # the size's one metadata object, as a replay sees it: forward prepares it each step
-    assert again.block_tables[:, 0].tolist() == [5, 5, 5, 0] and again.slot_mapping[3] == -1
+    graphs.run(inputs.prepare(np.array([1]), np.ones(1, np.int32), np.array([5], np.int32), token_ids=token_ids,
+                              block_table=table, padded_size=1))
+    assert seen[-1][2].num_actual_tokens == 1 and seen[-1][2].slot_mapping.tolist() == [5 * 16 + 5]
+    again = inputs.prepare(np.array([1, 1, 1]), np.ones(3, np.int32), np.array([5, 6, 7], np.int32),
+                           token_ids=token_ids, block_table=table, padded_size=4)
+    graphs.run(again)
+    assert seen[-1][2] is md  # the size's one metadata object, as a replay sees it: forward prepares it each step
+    assert md.block_tables[:, 0].tolist() == [5, 5, 5, 0] and md.slot_mapping[3] == -1
     assert dict(graphs.num_runs) == {4: 2, 1: 1}
+    with pytest.raises(ValueError, match="captured size"):
+        graphs.run(inputs.prepare(rows, counts, starts, token_ids=token_ids, block_table=table))
+
+
+def test_buffers_a_graph_reads_do_not_grow():
+    inputs = layout(max_num_tokens=8)
+    counts = np.array([20], dtype=np.int32)
+    step = inputs.prepare(np.array([0]), counts, np.zeros(1, np.int32), token_ids=np.zeros((1, 41), np.int64),
+                          block_table=np.zeros((1, 3), np.int32))
+    assert step.metadata.num_actual_tokens == 20  # an eager step grows them
+    inputs = layout(max_num_tokens=8)
+    DecodeGraphRunner(capture_sizes=[1, 2], inputs=inputs, emulate=True)
+    with pytest.raises(ValueError, match="holds 8 rows"):
+        inputs.prepare(np.array([0]), counts, np.zeros(1, np.int32), token_ids=np.zeros((1, 41), np.int64),
+                       block_table=np.zeros((1, 3), np.int32))
 
 
 def test_step_buffers_grow_unless_a_graph_reads_them():
@@ -393,7 +427,7 @@ def test_gpu_graphs_with_split_kv_give_the_eager_fp32_tokens(tmp_path):
     llm = gpu_llm(tmp_path, **options)
     graphs = llm.engine.core.runner.graphs
     backend = llm.engine.core.model.layers[0].self_attn.backend
-    assert backend.num_kv_splits_for(graphs.metadata[1]) > 1
+    assert backend.num_kv_splits_for(graphs.inputs.static_metadata(1)) > 1
     assert generate_ids(llm, prompts, params) == generate_ids(gpu_llm(tmp_path, enforce_eager=True, **options),
                                                               prompts, params)
     assert graphs.num_runs[4] > 0
