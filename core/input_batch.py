@@ -10,6 +10,12 @@ updated in place, not rebuilt each step.
     req_ids:     [a]    [c]    [d]          (b finished: d moved into its hole)
     token_ids:   prompt + output so far (+ draft tokens past num_tokens)
     block_table: the request's KV block ids
+
+Sampling state is kept here too, so a step gathers its rows instead of rebuilding it:
+the scalar parameters are numpy columns mirrored on the device (refreshed once per step,
+only after rows changed; on CPU the mirror is the column itself), the allowed-token mask
+is a device tensor, and ``rows_using`` names the rows that use each ragged feature, so
+the per-row Python work of a step covers those rows only.
 """
 from __future__ import annotations
 
@@ -30,6 +36,13 @@ class RowState:
     params: SamplingParams
     output_token_ids: list[int]
     generator: torch.Generator | None
+
+
+# the per-row scalar sampling parameters, with the value that means "off"
+SAMPLING_COLUMNS = {"temperature": None, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "presence_penalty": 0.0,
+                    "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+# features whose state is ragged per row (Python objects): a step visits only the rows that use them
+RAGGED_FEATURES = ("generator", "min_tokens", "logit_bias", "bad_words", "logprobs", "allowed_token_ids")
 
 
 class InputBatch:
@@ -56,6 +69,11 @@ class InputBatch:
         self.presence_penalty = np.zeros(n, dtype=np.float32)
         self.frequency_penalty = np.zeros(n, dtype=np.float32)
         self.repetition_penalty = np.ones(n, dtype=np.float32)
+        # each column's device mirror; on CPU the column itself
+        self._device_columns = {name: self._mirror(getattr(self, name)) for name in SAMPLING_COLUMNS}
+        self._columns_changed = False
+        # ragged feature -> the rows that use it (moved with their row)
+        self.rows_using: dict[str, set[int]] = {feature: set() for feature in RAGGED_FEATURES}
         # bool [max_num_reqs, vocab_size] on the device, True = not allowed: written when a row
         # is added (only once some request has allowed_token_ids) and moved with it, so a step
         # gathers its rows instead of rebuilding [B, V] masks
@@ -86,6 +104,12 @@ class InputBatch:
         self.presence_penalty[row] = p.presence_penalty
         self.frequency_penalty[row] = p.frequency_penalty
         self.repetition_penalty[row] = p.repetition_penalty
+        self._columns_changed = True
+        used = {"generator": generator is not None, "min_tokens": p.min_tokens > 0, "logit_bias": bool(p.logit_bias),
+                "bad_words": bool(p.bad_words_token_ids), "logprobs": p.logprobs is not None,
+                "allowed_token_ids": bool(p.allowed_token_ids)}
+        for feature, rows in self.rows_using.items():
+            (rows.add if used[feature] else rows.discard)(row)
         if p.allowed_token_ids and self.disallowed is None:
             self.disallowed = torch.zeros((self.max_num_reqs, self.vocab_size), dtype=torch.bool, device=self.device)
         if self.disallowed is not None:
@@ -114,6 +138,8 @@ class InputBatch:
             last = len(self.rows) - 1
             if row != last:
                 self._move(last, row)
+            for rows in self.rows_using.values():
+                rows.discard(last)
             self.rows.pop()
 
     def _move(self, src: int, dst: int) -> None:
@@ -124,11 +150,37 @@ class InputBatch:
         nb = int(self.num_blocks[src])
         self.block_table[dst, :nb] = self.block_table[src, :nb]
         for column in (self.num_tokens, self.num_prompt_tokens, self.num_computed_tokens, self.num_blocks,
-                       self.temperature, self.top_p, self.top_k, self.min_p, self.presence_penalty,
-                       self.frequency_penalty, self.repetition_penalty):
+                       *(getattr(self, name) for name in SAMPLING_COLUMNS)):
             column[dst] = column[src]
+        self._columns_changed = True
+        for rows in self.rows_using.values():
+            (rows.add if src in rows else rows.discard)(dst)
         if self.disallowed is not None:
             self.disallowed[dst] = self.disallowed[src]
+
+    def _mirror(self, column: np.ndarray) -> torch.Tensor:
+        host = torch.from_numpy(column)
+        return host if self.device.type == "cpu" else torch.zeros(host.shape, dtype=host.dtype, device=self.device)
+
+    def sampling_columns(self, rows: np.ndarray) -> tuple[dict[str, torch.Tensor | None], torch.Tensor]:
+        """The scalar sampling parameters of ``rows`` (a row may repeat) as device tensors,
+        a column being None when none of these rows uses it; and ``rows`` on the device.
+        The device mirror is refreshed here, once, when rows were added or moved."""
+        n = self.num_reqs
+        if self._columns_changed and self.device.type != "cpu":
+            for name in SAMPLING_COLUMNS:
+                self._device_columns[name][:n].copy_(torch.from_numpy(getattr(self, name)[:n]), non_blocking=True)
+        self._columns_changed = False
+        whole = len(rows) == n and bool((rows == np.arange(n)).all())  # the common decode step: no gather
+        index = torch.from_numpy(rows).to(self.device, non_blocking=True)
+        columns = {}
+        for name, off in SAMPLING_COLUMNS.items():
+            if off is not None and not (getattr(self, name)[rows] != off).any():
+                columns[name] = None
+            else:
+                mirror = self._device_columns[name]
+                columns[name] = mirror[:n] if whole else mirror[index]
+        return columns, index
 
     def prompt_token_ids(self, rows: np.ndarray) -> np.ndarray:
         """int64 [len(rows), the longest prompt]: each row's prompt, padded with vocab_size."""

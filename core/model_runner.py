@@ -325,45 +325,48 @@ class ModelRunner:
 
     def _sampling_metadata(self, rows: np.ndarray, outputs: list[list[int]]) -> SamplingMetadata:
         """One metadata row per entry of ``rows`` (a batch row may repeat: one per draft
-        position), ``outputs[i]`` being the output tokens that row's position follows."""
+        position), ``outputs[i]`` being the output tokens that row's position follows.
+        Columns come from the persistent batch; Python work covers only the rows that use a
+        ragged feature (a seeded generator, min_tokens, logit_bias, bad words, logprobs)."""
         batch = self.batch
-        states = [batch.rows[r] for r in rows]
-        dev = self.device
-        temperature = batch.temperature[rows]
-        greedy = temperature == 0.0
-
-        def column(values: np.ndarray, default: float) -> torch.Tensor | None:
-            return None if np.all(values == default) else torch.from_numpy(values.copy()).to(dev, non_blocking=True)
-
-        repetition = column(batch.repetition_penalty[rows], 1.0)
+        columns, index = batch.sampling_columns(rows)
+        greedy = batch.temperature[rows] == 0.0
         prompt_ids = None
-        if repetition is not None:
-            prompt_ids = torch.from_numpy(batch.prompt_token_ids(rows)).to(dev, non_blocking=True)
-        allowed_mask = None
-        if any(s.params.allowed_token_ids for s in states):
-            allowed_mask = batch.disallowed[torch.from_numpy(rows).to(dev, non_blocking=True)]
+        if columns["repetition_penalty"] is not None:
+            prompt_ids = torch.from_numpy(batch.prompt_token_ids(rows)).to(self.device, non_blocking=True)
+        using = {feature: _positions(rows, used) for feature, used in batch.rows_using.items()}
+        states = batch.rows
         min_tokens = {}
-        for i, s in enumerate(states):
-            if s.params.min_tokens and len(outputs[i]) < s.params.min_tokens:
-                stop_ids = set(s.params.stop_token_ids or ())
-                if self.eos_token_id is not None and not s.params.ignore_eos:
+        for i in using["min_tokens"]:
+            params = states[rows[i]].params
+            if len(outputs[i]) < params.min_tokens:
+                stop_ids = set(params.stop_token_ids or ())
+                if self.eos_token_id is not None and not params.ignore_eos:
                     stop_ids.add(self.eos_token_id)
-                min_tokens[i] = (s.params.min_tokens, stop_ids)
-        wanted = [s.params.logprobs for s in states if s.params.logprobs is not None]
+                min_tokens[i] = (params.min_tokens, stop_ids)
+        logit_bias = []
+        if using["logit_bias"]:
+            logit_bias = [None] * len(rows)
+            for i in using["logit_bias"]:
+                logit_bias[i] = states[rows[i]].params.logit_bias
+        wanted = [states[rows[i]].params.logprobs for i in using["logprobs"]]
         return SamplingMetadata(
-            temperature=torch.from_numpy(temperature.copy()).to(dev, non_blocking=True),
-            all_greedy=bool(greedy.all()), all_random=bool((~greedy).all()),
-            top_p=column(batch.top_p[rows], 1.0), top_k=column(batch.top_k[rows], 0),
-            min_p=column(batch.min_p[rows], 0.0),
-            generators={i: s.generator for i, s in enumerate(states) if s.generator is not None},
-            presence_penalties=column(batch.presence_penalty[rows], 0.0),
-            frequency_penalties=column(batch.frequency_penalty[rows], 0.0),
-            repetition_penalties=repetition, prompt_token_ids=prompt_ids,
-            output_token_ids=outputs, min_tokens=min_tokens,
-            logit_bias=[s.params.logit_bias for s in states], allowed_token_ids_mask=allowed_mask,
-            bad_words_token_ids={i: s.params.bad_words_token_ids for i, s in enumerate(states)
-                                 if s.params.bad_words_token_ids},
+            temperature=columns["temperature"], all_greedy=bool(greedy.all()), all_random=not greedy.any(),
+            top_p=columns["top_p"], top_k=columns["top_k"], min_p=columns["min_p"],
+            generators={i: states[rows[i]].generator for i in using["generator"]},
+            presence_penalties=columns["presence_penalty"], frequency_penalties=columns["frequency_penalty"],
+            repetition_penalties=columns["repetition_penalty"], prompt_token_ids=prompt_ids,
+            output_token_ids=outputs, min_tokens=min_tokens, logit_bias=logit_bias,
+            allowed_token_ids_mask=batch.disallowed[index] if using["allowed_token_ids"] else None,
+            bad_words_token_ids={i: states[rows[i]].params.bad_words_token_ids for i in using["bad_words"]},
             max_num_logprobs=max(wanted) if wanted else None, logprobs_mode=self.logprobs_mode)
+
+
+def _positions(rows: np.ndarray, used: set[int]) -> list[int]:
+    """The indices i with ``rows[i]`` in ``used`` (empty at once when no row uses the feature)."""
+    if not used:
+        return []
+    return np.flatnonzero(np.isin(rows, np.fromiter(used, dtype=np.int64, count=len(used)))).tolist()
 
 
 def _no_token_error(state: RowState, num_output_tokens: int, is_guided: bool) -> RequestError:
