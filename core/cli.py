@@ -14,9 +14,27 @@ def _features(args: argparse.Namespace) -> int:
     from .features import format_table
     from .registry import Registry
 
-    matrix = Registry(on_plugin_error=args.plugin_errors).feature_matrix()
+    registry = Registry(on_plugin_error=args.plugin_errors)
+    matrix = registry.feature_matrix()
+    if args.model is not None:
+        matrix["features"].append(_model_attention_row(registry, args))
     print(json.dumps(matrix, indent=2, sort_keys=True) if args.json else format_table(matrix))
     return 0
+
+
+def _model_attention_row(registry: Any, args: argparse.Namespace) -> dict[str, str]:
+    """Which attention backend ``args.model`` gets on ``args.device``, and why."""
+    from .components import ATTENTION_BACKEND
+    from .engine_core import resolve_device
+    from .features import attention_choice_for_model
+    from .loader import load_hf_config, resolve_dtype, resolve_model_class, resolve_model_source
+
+    hf_config = load_hf_config(resolve_model_source(args.model, "auto"))
+    spec = resolve_model_class(registry, hf_config).kv_cache_spec(hf_config)
+    device = resolve_device(args.device)
+    return attention_choice_for_model(registry.available(ATTENTION_BACKEND), model=args.model, device=device,
+                                      dtype=resolve_dtype(args.dtype, hf_config, device), head_size=spec.head_size,
+                                      block_size=args.block_size)
 
 
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -155,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--json", action="store_true", help="print stable JSON instead of a table")
     features.add_argument("--plugin-errors", choices=("raise", "warn"), default="raise",
                           help="a plugin that fails to load is an error (default) or a warning")
+    features.add_argument("--model", default=None,
+                          help="also say which attention backend this model gets, and why (no weights are read)")
+    features.add_argument("--device", default="auto", help="with --model: cpu, cuda or auto")
+    features.add_argument("--dtype", default="auto", help="with --model: the dtype the engine would run")
+    features.add_argument("--block-size", type=int, default=16, help="with --model: the KV block size")
     features.set_defaults(func=_features)
     generate = sub.add_parser("generate", help="generate replies to prompts (chat template unless --raw)")
     generate.add_argument("prompt", nargs="*", help="default: 'What is the capital of France?'")

@@ -128,6 +128,30 @@ def _attention_choice(backends: dict[str, type]) -> dict[str, str]:
                                          "is used; attention_backend=NAME overrides)"}
 
 
+def attention_choice_for_model(backends: dict[str, type], *, model: str, device: torch.device, dtype: torch.dtype,
+                               head_size: int, block_size: int) -> dict[str, str]:
+    """The row saying which backend serves one model when none is named, and why each other
+    backend was or was not chosen (its priority, or what it does not support)."""
+    from .attention import select_attention_backend
+    from .errors import ConfigError
+
+    try:
+        chosen = select_attention_backend(backends, device=device, dtype=dtype, head_size=head_size,
+                                          block_size=block_size)
+    except ConfigError as exc:
+        return {"feature": "attention_backend_for_model", "status": "unavailable", "detail": str(exc)}
+    others = []
+    for name, cls in sorted(backends.items()):
+        if name == chosen:
+            continue
+        problem = cls.unsupported_reason(head_size=head_size, dtype=dtype, device=device, block_size=block_size)
+        others.append(f"{name}: {problem}" if problem else f"{name}: lower priority ({cls.priority(device)})")
+    shape = f"head_size={head_size}, {str(dtype).removeprefix('torch.')}, block_size={block_size} on {device.type}"
+    detail = f"{model} ({shape}): {chosen} (priority {backends[chosen].priority(device)})"
+    return {"feature": "attention_backend_for_model", "status": "supported",
+            "detail": detail + (f"; not chosen: {'; '.join(others)}" if others else "")}
+
+
 def format_table(matrix: dict[str, Any]) -> str:
     """The matrix as aligned text tables for a terminal."""
     def table(headers: list[str], rows: list[list[str]]) -> list[str]:

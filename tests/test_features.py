@@ -81,3 +81,16 @@ def test_attention_selection_row_ranks_the_backends_per_device():
     cpu, cuda = detail.split(" | ")
     assert cpu.startswith("cpu: torch (priority 0)")  # triton on CPU: slower (interpreted) or not at all
     assert cuda.startswith("cuda: triton (priority 10), torch (priority 0)")
+
+
+def test_cli_says_which_backend_a_model_gets_and_why_the_others_were_passed_over(tmp_path):
+    from builders import TINY_CONFIGS, make_checkpoint
+
+    make_checkpoint(tmp_path, TINY_CONFIGS["llama-gqa-untied"])  # head size 16: the triton kernel takes none such
+    result = run_cli("features", "--json", "--model", str(tmp_path), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    detail = feature(json.loads(result.stdout), "attention_backend_for_model")["detail"]
+    assert "(head_size=16, float32, block_size=16 on cpu): torch (priority 0)" in detail
+    assert "not chosen: triton: " in detail
+    without = run_cli("features", "--json")
+    assert "attention_backend_for_model" not in without.stdout
