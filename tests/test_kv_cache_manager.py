@@ -208,3 +208,63 @@ def test_queries_and_hits_count_tokens_at_admission():
 def test_num_new_tokens_must_be_positive():
     with pytest.raises(ValueError, match="num_new_tokens must be >= 1, got 0"):
         make_manager().allocate_slots(make_request("a", range(3)), 0)
+
+
+# ---------------------------------------------------------------- sliding window
+
+def held_ids(manager: KVCacheManager, request: Request) -> list[int]:
+    return [i for i in manager.get_block_ids(request.request_id) if i != 0]
+
+
+def decode(manager: KVCacheManager, request: Request, num_steps: int) -> None:
+    for step in range(num_steps):
+        request.append_output_token_ids([1000 + step])
+        assert manager.allocate_slots(request, 1) is not None
+        request.num_computed_tokens += 1
+
+
+def test_blocks_wholly_before_the_window_are_freed_as_the_request_advances():
+    window = 6
+    manager = KVCacheManager(11, BLOCK_SIZE, True, 1024, sliding_window=window)
+    request = make_request("a", range(13))
+    admit(manager, request)  # 13 tokens computed; the next step (position 13) reads keys 8..13
+    decode(manager, request, 1)
+    table = manager.get_block_ids("a")
+    assert table[:2] == [0, 0] and 0 not in table[2:]  # blocks of positions 0..7 freed, entries null
+
+    decode(manager, request, 40)  # 54 tokens: far more blocks than the pool has if none were freed
+    held = held_ids(manager, request)
+    # the last step started at 53 and read keys from 48: blocks 12 (48..51) and 13 (52..55)
+    assert len(held) == -(-window // BLOCK_SIZE) == 2
+    assert manager.num_free_blocks == 10 - len(held)
+    manager.free(request)
+    assert manager.num_free_blocks == 10 and manager.block_pool.null_block.ref_cnt == 0
+
+
+def test_freed_window_blocks_stay_cached_and_hits_outside_the_window_are_not_taken():
+    manager = KVCacheManager(11, BLOCK_SIZE, True, 1024, sliding_window=6)
+    first = make_request("a", range(17))
+    admit(manager, first)
+    decode(manager, first, 1)  # blocks 0..2 (positions 0..11) left the window of a step at 17
+    freed = [i for i in range(1, 11) if manager.block_pool.blocks[i].block_hash is not None and
+             manager.block_pool.blocks[i].ref_cnt == 0]
+    assert len(freed) == 3  # back in the pool, content still cached
+
+    second = make_request("b", list(range(17)) + [99])
+    hits, num_hit_tokens = manager.get_computed_blocks(second)
+    assert num_hit_tokens == 16  # four full blocks found, as without a window
+    assert manager.allocate_slots(second, second.num_tokens - num_hit_tokens, num_hit_tokens, hits) is not None
+    table = manager.get_block_ids("b")
+    assert table[:2] == [0, 0]  # a step from 16 reads keys from 11: blocks 0 and 1 are not taken
+    assert table[2:4] == [h.block_id for h in hits[2:4]] and len(table) == 5
+    manager.free(first)
+    manager.free(second)
+    assert manager.num_free_blocks == 10
+
+
+def test_without_a_window_no_block_is_freed_early():
+    manager = make_manager()
+    request = make_request("a", range(13))
+    admit(manager, request)
+    decode(manager, request, 10)
+    assert 0 not in manager.get_block_ids("a") and len(held_ids(manager, request)) == 6
