@@ -78,7 +78,8 @@ class EngineCore:
         self.model.bind_kv_caches(self.kv_caches)
         self.eos_token_id = self.tokenizer.eos_token_id
         self.vocab_size = self.hf_config.vocab_size
-        self.scheduler = Scheduler(sched, config.cache, num_blocks=self.num_blocks, max_model_len=self.max_model_len)
+        self.scheduler = Scheduler(sched, config.cache, num_blocks=self.num_blocks, max_model_len=self.max_model_len,
+                                   sliding_window=spec.sliding_window)
         self.drafter = None
         if config.speculative is not None:
             speculative = config.speculative

@@ -24,12 +24,15 @@ class GGUFNames:
         global_names  token_embd.weight     -> model.embed_tokens.weight
         block_names   blk.3.attn_q.weight   -> {block_prefix}.3.self_attn.q_proj.weight
 
-    ``permuted_qk``: llama.cpp's converter interleaved the q/k rows of each head (Llama)."""
+    ``permuted_qk``: llama.cpp's converter interleaved the q/k rows of each head (Llama).
+    ``norm_shift``: the converter added this to every ``*norm.weight`` (Gemma's norms multiply by
+    1 + w and are stored as 1 + w); the loader subtracts it."""
 
     global_names: Mapping[str, str]
     block_names: Mapping[str, str]
     block_prefix: str = "model.layers"
     permuted_qk: bool = False
+    norm_shift: float = 0.0
 
     def checkpoint_name(self, gguf_name: str) -> str:
         if gguf_name in self.global_names:
@@ -48,6 +51,9 @@ class KVCacheSpec:
     num_layers: int
     num_kv_heads: int
     head_size: int
+    # the window when every layer attends to the last ``sliding_window`` positions only: the
+    # engine then frees the KV blocks behind it as a request advances; None when any layer is global
+    sliding_window: int | None = None
 
 
 class Model(torch.nn.Module, Component):

@@ -46,7 +46,9 @@ _ADMISSIBLE = (RequestStatus.WAITING, RequestStatus.WAITING_FOR_GRAMMAR)
 
 class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, *, num_blocks: int,
-                 max_model_len: int) -> None:
+                 max_model_len: int, sliding_window: int | None = None) -> None:
+        """``sliding_window``: when every layer of the model slides, its window (the KV cache
+        frees the blocks behind it)."""
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
         self.enable_chunked_prefill = scheduler_config.enable_chunked_prefill
@@ -57,7 +59,8 @@ class Scheduler:
                              "the KV cache) when enable_chunked_prefill is False, or a long prompt could never "
                              f"be scheduled; got {self.max_num_batched_tokens}")
         self.kv_cache_manager = KVCacheManager(num_blocks, cache_config.block_size,
-                                               cache_config.enable_prefix_caching, self.max_model_len)
+                                               cache_config.enable_prefix_caching, self.max_model_len,
+                                               sliding_window=sliding_window)
         self.requests: dict[str, Request] = {}  # every request not yet reported finished
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
