@@ -41,7 +41,7 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for name in ("model", "dtype", "max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens",
                  "attention_backend", "device", "seed", "load_format", "num_gpu_blocks_override",
-                 "gpu_memory_utilization"):
+                 "gpu_memory_utilization", "generation_config"):
         value = getattr(args, name)
         if value is not None:
             options[name] = value
@@ -150,6 +150,8 @@ def _add_engine_arguments(parser: argparse.ArgumentParser, sampling: bool = True
     g.add_argument("--device")
     g.add_argument("--seed", type=int)
     g.add_argument("--load-format")
+    g.add_argument("--generation-config",
+                   help="'auto' (the model's generation_config.json: EOS ids, sampling defaults), 'vllm' or a folder")
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: every step runs eagerly")
     g.add_argument("--gpu-memory-utilization", type=float)

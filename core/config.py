@@ -47,6 +47,9 @@ class ModelConfig(_Section):
     # then multiples of 8 up to max_num_seqs
     enforce_eager: bool = False
     cudagraph_capture_sizes: list[int] | None = None
+    # vLLM's values: "auto" (the model's generation_config.json: its EOS ids and sampling
+    # defaults), "vllm" (ignore it) or a folder holding one
+    generation_config: str = "auto"
 
     @field_validator("cudagraph_capture_sizes")
     @classmethod

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 from .attention import select_attention_backend
+from .generation_config import load_generation_defaults
 from .components import ATTENTION_BACKEND, DRAFTER
 from .config import EngineConfig
 from .cuda_graphs import decode_graph_mode
@@ -77,6 +78,7 @@ class EngineCore:
                           for _ in range(spec.num_layers)]
         self.model.bind_kv_caches(self.kv_caches)
         self.eos_token_id = self.tokenizer.eos_token_id
+        self.generation_defaults = load_generation_defaults(config.model.generation_config, source.path)
         self.vocab_size = self.hf_config.vocab_size
         self.scheduler = Scheduler(sched, config.cache, num_blocks=self.num_blocks, max_model_len=self.max_model_len,
                                    sliding_window=spec.sliding_window)

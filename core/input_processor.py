@@ -20,11 +20,16 @@ PromptType = Union[str, Sequence[int], Mapping[str, Any]]
 
 
 class InputProcessor:
-    def __init__(self, tokenizer: Any, *, vocab_size: int, max_model_len: int, eos_token_id: int | None) -> None:
+    def __init__(self, tokenizer: Any, *, vocab_size: int, max_model_len: int, eos_token_id: int | None,
+                 extra_eos_token_ids: tuple[int, ...] = ()) -> None:
+        """``extra_eos_token_ids``: ids that end generation besides ``eos_token_id`` (from the
+        model's generation_config.json); they join a request's stop_token_ids unless it
+        ignores EOS."""
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.eos_token_id = eos_token_id
+        self.extra_eos_token_ids = tuple(i for i in extra_eos_token_ids if i != eos_token_id and i < vocab_size)
 
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """(prompt text or None, prompt token ids)."""
@@ -60,6 +65,9 @@ class InputProcessor:
         text, token_ids = self.tokenize(prompt)
         validate_prompt_token_ids(token_ids, self.vocab_size, self.max_model_len)
         params.validate_for_vocab(self.vocab_size)
+        if self.extra_eos_token_ids and not params.ignore_eos:
+            params = dataclasses.replace(params, stop_token_ids=list(dict.fromkeys(
+                [*params.stop_token_ids, *self.extra_eos_token_ids])))
         bad_words_token_ids = self._bad_words(params.bad_words)
         self._check_allowed_tokens(params, bad_words_token_ids)
         cache_salt = prompt.get("cache_salt") if isinstance(prompt, Mapping) else None

@@ -51,6 +51,11 @@ class LLM:
     def get_stats(self) -> dict[str, Any]:
         return self.engine.get_stats()
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a prompt gets when no sampling params are given: the model's
+        generation_config.json defaults (see ``generation_config``), else SamplingParams()."""
+        return self.engine.core.generation_defaults.default_sampling_params()
+
     # ------------------------------------------------------------ generation
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
@@ -58,6 +63,8 @@ class LLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt; outputs in prompt order."""
         prompts = _as_prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
         params = _as_params_list(sampling_params, len(prompts))
         request_ids = self._add_all(prompts, params)
         return self._run(request_ids, use_tqdm)
@@ -88,7 +95,9 @@ class LLM:
     def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Incremental outputs (only the new text and tokens each time) until the request ends.
         Closing the iterator early aborts the request."""
-        request_id = self._add(prompt, sampling_params or SamplingParams(), OutputKind.DELTA)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        request_id = self._add(prompt, sampling_params, OutputKind.DELTA)
         finished = False
         try:
             while not finished:
@@ -168,9 +177,7 @@ def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptTy
     return prompts
 
 
-def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
-    if params is None:
-        return [SamplingParams() for _ in range(n)]
+def _as_params_list(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:
     if isinstance(params, SamplingParams):
         return [params] * n
     params = list(params)

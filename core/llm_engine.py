@@ -21,7 +21,8 @@ class LLMEngine:
         self.tokenizer = self.core.tokenizer
         self.input_processor = InputProcessor(self.tokenizer, vocab_size=self.core.vocab_size,
                                               max_model_len=self.core.max_model_len,
-                                              eos_token_id=self.core.eos_token_id)
+                                              eos_token_id=self.core.eos_token_id,
+                                              extra_eos_token_ids=self.core.generation_defaults.eos_token_ids)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
 

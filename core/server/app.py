@@ -45,7 +45,8 @@ def build_app(engine: AsyncEngine, *, model_names: list[str], api_key: str | Non
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The OpenAI-compatible app over ``engine``. Its lifespan starts the engine thread
     and, at shutdown, aborts what is still in flight and stops it."""
-    state = ServerState(engine, model_names, chat_template, trust_request_chat_template)
+    state = ServerState(engine, model_names, chat_template, trust_request_chat_template,
+                        sampling_defaults=engine.engine.core.generation_defaults.sampling)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

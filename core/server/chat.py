@@ -44,7 +44,7 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
         raise APIError(400, "chat_template: this server does not run chat templates sent with requests; start it "
                             "with --trust-request-chat-template to allow them", "chat_template")
     conversation = request.conversation()
-    params = request.sampling_params()
+    params = request.sampling_params(state.sampling_defaults)
 
     def render(processor: InputProcessor) -> list[int]:  # in the tokenizer pool
         try:

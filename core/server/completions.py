@@ -29,7 +29,7 @@ class _Echo:
 
 async def create_completion(state: ServerState, request: CompletionRequest) -> Response:
     state.check_request(request)
-    params = request.sampling_params()
+    params = request.sampling_params(state.sampling_defaults)
     prompts = await state.tokenize(request.prompts(), request)
     state.check_context(prompts, params, request)
     echoes = None

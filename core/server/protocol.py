@@ -154,10 +154,14 @@ class GenerationRequest(BaseModel):
         except ValueError as exc:
             raise APIError(400, str(exc), source) from None
 
-    def to_sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """The engine's parameters; a 400 naming the field when one is out of range."""
-        kwargs: dict[str, Any] = {name: getattr(self, name) for name in _SAMPLING_FIELDS
-                                  if getattr(self, name) is not None}
+    def to_sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                           defaults: Mapping[str, Any]) -> SamplingParams:
+        """The engine's parameters, ``defaults`` (the model's generation config) filling the
+        fields the request leaves unset; a 400 naming the field when one is out of range."""
+        kwargs: dict[str, Any] = {name: value for name, value in defaults.items() if name != "max_tokens"}
+        kwargs.update((name, getattr(self, name)) for name in _SAMPLING_FIELDS if getattr(self, name) is not None)
+        if max_tokens is None:
+            max_tokens = defaults.get("max_tokens")
         try:
             return SamplingParams(max_tokens=max_tokens, logprobs=logprobs,
                                   structured_outputs=self.structured_outputs_params(), **kwargs)
@@ -185,8 +189,9 @@ class CompletionRequest(GenerationRequest):
             return list(self.prompt)
         return [{"prompt_token_ids": ids} for ids in self.prompt]
 
-    def sampling_params(self) -> SamplingParams:
-        params = self.to_sampling_params(self.max_tokens, self.logprobs)
+    def sampling_params(self, defaults: Mapping[str, Any]) -> SamplingParams:
+        max_tokens = self.max_tokens if "max_tokens" in self.model_fields_set else defaults.get("max_tokens", 16)
+        params = self.to_sampling_params(max_tokens, self.logprobs, defaults)
         if self.echo and self.logprobs is not None and params.prompt_logprobs is None:
             params.prompt_logprobs = self.logprobs  # echoed prompt tokens carry their logprobs
         return params
@@ -239,12 +244,12 @@ class ChatCompletionRequest(GenerationRequest):
             raise APIError(400, "tool_choice is not supported by this server", "tool_choice")
         return [message.to_template() for message in self.messages]
 
-    def sampling_params(self) -> SamplingParams:
+    def sampling_params(self, defaults: Mapping[str, Any]) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
-        return self.to_sampling_params(max_tokens, logprobs)
+        return self.to_sampling_params(max_tokens, logprobs, defaults)
 
 
 def _check_unicode_in(path: str, value: Any) -> None:

@@ -32,6 +32,8 @@ class ServerState:
     model_names: list[str]
     chat_template: str | None = None
     trust_request_chat_template: bool = False  # vLLM's flag: a request's own template is code to run
+    # the model's generation_config.json defaults, for the fields a request leaves unset
+    sampling_defaults: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def model_name(self) -> str:

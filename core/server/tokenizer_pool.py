@@ -76,7 +76,8 @@ class TokenizerPool:
 
 def _copy_processor(processor: InputProcessor) -> InputProcessor:
     return InputProcessor(copy.deepcopy(processor.tokenizer), vocab_size=processor.vocab_size,
-                          max_model_len=processor.max_model_len, eos_token_id=processor.eos_token_id)
+                          max_model_len=processor.max_model_len, eos_token_id=processor.eos_token_id,
+                          extra_eos_token_ids=processor.extra_eos_token_ids)
 
 
 def _lower_priority() -> None:
