@@ -69,6 +69,9 @@ class Model(torch.nn.Module, Component):
     # llama.cpp architecture (GGUF ``general.architecture``) -> its tensor names; empty: the
     # class loads no GGUF file
     gguf_names: ClassVar[Mapping[str, GGUFNames]] = {}
+    # what ``tokenmill features`` lists for the class beside its architectures and GGUF names:
+    # e.g. {"sliding_window": True, "logit_soft_cap": True, "rope_types": ["default", "yarn"]}
+    features: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, hf_config: Any, attention: AttentionBackend) -> None:
         torch.nn.Module.__init__(self)
@@ -82,7 +85,8 @@ class Model(torch.nn.Module, Component):
 
     @classmethod
     def capabilities(cls) -> dict[str, Any]:
-        return {"architectures": list(cls.architectures)}
+        return {"architectures": list(cls.architectures), "gguf": sorted(cls.gguf_names) or "no",
+                **cls.features}
 
     @classmethod
     def kv_cache_spec(cls, hf_config: Any) -> KVCacheSpec:
