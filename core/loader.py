@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 from .attention import AttentionBackend
 from .config import DEFAULT_MODEL
 from .errors import ConfigError, UnknownComponentError
-from .gguf_loader import fix_gguf_config, iter_gguf_weights
+from .gguf_loader import fix_gguf_config, hf_config_from_gguf, iter_gguf_weights
 from .model_base import Model
 from .registry import Registry
 
@@ -113,7 +113,8 @@ def _packaged_default_model() -> Path:
 def load_hf_config(source: ModelSource) -> PretrainedConfig:
     """The HuggingFace config from config.json or from the GGUF metadata (local files only)."""
     if source.gguf_file is not None:
-        config = AutoConfig.from_pretrained(str(source.path), gguf_file=source.gguf_file, local_files_only=True)
+        config = hf_config_from_gguf(source.gguf_path) or AutoConfig.from_pretrained(
+            str(source.path), gguf_file=source.gguf_file, local_files_only=True)
         return fix_gguf_config(config)
     return AutoConfig.from_pretrained(str(source.path), local_files_only=True)
 

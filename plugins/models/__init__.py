@@ -1,7 +1,17 @@
 """Built-in model classes, and the model kinds the V1 engine refuses.
 
-``LlamaForCausalLM`` serves the Llama, Mistral and Qwen2 architectures. The
-classes in ``v0_only`` are registered only to be refused: asking for a Mamba,
+One class per family or close group, all built on the shared decoder skeleton
+(``decoder.DecoderForCausalLM``, ``layers``, ``rope``):
+
+    llama       Llama, Mistral, Qwen2, InternLM3, IQuest-Coder
+    qwen3       Qwen3
+    gemma       Gemma, Gemma 2, Gemma 3 (text)
+    phi3        Phi-3, Phi-4
+    granite     Granite 3
+    olmo2       OLMo 2
+    starcoder2  StarCoder2
+
+The classes in ``v0_only`` are registered only to be refused: asking for a Mamba,
 hybrid Mamba, encoder-decoder or pooling architecture raises
 ``RefusedComponentError`` with the reason instead of "unknown model".
 
@@ -18,15 +28,28 @@ A third-party model plugin looks the same:
     @hookimpl
     def tokenmill_register_models(register):
         register(MyForCausalLM)
+
+A family close to a built-in one can subclass ``DecoderForCausalLM`` and describe itself with a
+``DecoderSpec`` instead.
 """
 from tokenmill import hookimpl
 
+from .gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, GemmaForCausalLM
+from .granite import GraniteForCausalLM
 from .llama import LlamaForCausalLM
+from .olmo2 import Olmo2ForCausalLM
+from .phi3 import Phi3ForCausalLM
+from .qwen3 import Qwen3ForCausalLM
+from .starcoder2 import Starcoder2ForCausalLM
 from .v0_only import V0_ONLY_MODELS
+
+BUILTIN_MODELS = (LlamaForCausalLM, Qwen3ForCausalLM, GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM,
+                  Phi3ForCausalLM, GraniteForCausalLM, Olmo2ForCausalLM, Starcoder2ForCausalLM)
 
 
 @hookimpl
 def tokenmill_register_models(register):
-    register(LlamaForCausalLM)
+    for cls in BUILTIN_MODELS:
+        register(cls)
     for cls in V0_ONLY_MODELS:
         register(cls)

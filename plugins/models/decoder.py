@@ -1,0 +1,219 @@
+"""The decoder skeleton every built-in family shares, and the spec a family fills in.
+
+On a flat run of T tokens from any number of requests:
+
+    input_ids ─embed_tokens (× embed_scale)─> h ─[block 0 .. N-1]─> norm ─> hidden [T, hidden]
+    hidden ─lm_head (tied: embed_tokens)─> logits (÷ logits_divisor, soft cap) [n, vocab]
+
+A family is a subclass that says how its config maps onto the skeleton (``decoder_spec``): the
+block layout, the norm, the MLP, each layer's attention (scale, biases, qk-norm, sliding window,
+soft cap, which rotary embedding) and the rope parameters. ``load_weights`` takes the
+HuggingFace checkpoint names and fills the fused q/k/v and gate/up shards.
+"""
+from __future__ import annotations
+
+import dataclasses
+from abc import abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenmill import AttentionBackend, AttentionMetadata, Model
+from tokenmill.model_base import KVCacheSpec
+
+from .layers import Attention, AttentionSpec, BlockParts, GatedMLP
+from .rope import ROPE_TYPES, RotaryEmbedding
+
+# HuggingFace projection -> (fused parameter, shard index within it)
+_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """What a family changes in the skeleton, read from its HuggingFace config."""
+
+    block: Callable[[BlockParts, Attention], nn.Module]  # PreNormBlock, SandwichBlock or PostNormBlock
+    parts: BlockParts
+    layers: tuple[AttentionSpec, ...]  # one per layer
+    rope: Mapping[str, Mapping[str, Any]]  # AttentionSpec.rope -> rope parameters (see rope.rope_parameters)
+    embed_scale: float = 1.0
+    logits_divisor: float = 1.0
+    final_logit_soft_cap: float | None = None
+
+
+def decoder_features(*, sliding_window: bool = False, logit_soft_cap: bool = False) -> dict[str, Any]:
+    """A family's ``Model.features``: whether its configs may have windows or soft caps, and the
+    rope types every family reads."""
+    return {"sliding_window": sliding_window, "logit_soft_cap": logit_soft_cap, "rope_types": list(ROPE_TYPES)}
+
+
+def layer_types(config: Any, default: Callable[[int], str] | None = None) -> list[str]:
+    """Each layer's attention type, ``sliding_attention`` or ``full_attention``.
+
+    transformers 5 configs list them (``layer_types``); older ones say it otherwise: Qwen2's
+    window applies only with ``use_sliding_window`` and from layer ``max_window_layers`` on,
+    Mistral's, Phi-3's and StarCoder2's to every layer. ``default(i)``: the family's own pattern
+    when the config lists none (Gemma's alternation).
+    """
+    num_layers = config.num_hidden_layers
+    listed = getattr(config, "layer_types", None)
+    if listed is not None:
+        return list(listed)
+    if not getattr(config, "sliding_window", None) or getattr(config, "use_sliding_window", True) is False:
+        return [FULL] * num_layers
+    if default is not None:
+        return [default(i) for i in range(num_layers)]
+    first = getattr(config, "max_window_layers", 0)
+    return [SLIDING if i >= first else FULL for i in range(num_layers)]
+
+
+def sliding_windows(config: Any, types: list[str]) -> list[int | None]:
+    """Each layer's window, None for full attention. A window that covers
+    ``max_position_embeddings`` changes nothing and is dropped, so no backend needs to support it."""
+    window = getattr(config, "sliding_window", None)
+    if not window or window >= config.max_position_embeddings:
+        return [None] * len(types)
+    return [window if kind == SLIDING else None for kind in types]
+
+
+def attention_layers(config: Any, types: list[str] | None = None, *, rope_per_type: bool = False,
+                     **fields: Any) -> tuple[AttentionSpec, ...]:
+    """One AttentionSpec per layer: the config's sliding windows (``types``: the layers' attention
+    types, by default ``layer_types(config)``), each type's own rotary embedding if
+    ``rope_per_type``, and ``fields`` (``scale`` defaults to head_dim ** -0.5)."""
+    types = layer_types(config) if types is None else types
+    fields.setdefault("scale", Model.kv_cache_spec(config).head_size ** -0.5)
+    return tuple(AttentionSpec(sliding_window=window, rope=kind if rope_per_type else "default", **fields)
+                 for kind, window in zip(types, sliding_windows(config, types)))
+
+
+def gated_mlp(config: Any, act: str | None = None, bias: bool = False) -> Callable[[], GatedMLP]:
+    """A builder of the config's gated MLP; ``act`` overrides its ``hidden_act``."""
+    return lambda: GatedMLP(config.hidden_size, config.intermediate_size, act or config.hidden_act, bias)
+
+
+def token_seq_lens(attn_metadata: AttentionMetadata, num_tokens: int) -> torch.Tensor:
+    """Each token's request length at this step (cached + scheduled tokens), int [num_tokens];
+    padding rows past the last request get its length."""
+    ends = attn_metadata.query_start_loc[1:]
+    tokens = torch.arange(num_tokens, device=ends.device, dtype=ends.dtype)
+    request = torch.searchsorted(ends, tokens, right=True).clamp_(max=ends.shape[0] - 1)
+    return attn_metadata.seq_lens[request]
+
+
+class DecoderForCausalLM(Model):
+    """A decoder-only transformer over the paged KV cache, shaped by ``decoder_spec(config)``.
+
+    Parameters are named like the HuggingFace ones without the ``model.`` prefix, except the
+    fused ``qkv_proj`` and ``gate_up_proj``.
+    """
+
+    features = decoder_features()
+
+    @classmethod
+    @abstractmethod
+    def decoder_spec(cls, config: Any) -> DecoderSpec:
+        """How this family's config maps onto the skeleton."""
+
+    @classmethod
+    def kv_cache_spec(cls, hf_config: Any) -> KVCacheSpec:
+        """The standard geometry; ``sliding_window`` when every layer has the same window, so the
+        engine may free the blocks behind it."""
+        windows = {layer.sliding_window for layer in cls.decoder_spec(hf_config).layers}
+        window = windows.pop() if len(windows) == 1 else None
+        return dataclasses.replace(super().kv_cache_spec(hf_config), sliding_window=window)
+
+    def __init__(self, hf_config: Any, attention: AttentionBackend) -> None:
+        super().__init__(hf_config, attention)
+        config = hf_config
+        spec = self.decoder_spec(config)
+        cache = self.kv_cache_spec(config)
+        expected = (config.num_attention_heads, cache.num_kv_heads, cache.head_size)
+        if (attention.num_heads, attention.num_kv_heads, attention.head_size) != expected:
+            raise ValueError(f"attention backend has (num_heads, num_kv_heads, head_size) = "
+                             f"{(attention.num_heads, attention.num_kv_heads, attention.head_size)}, "
+                             f"the config needs {expected}")
+        if len(spec.layers) != config.num_hidden_layers:
+            raise ValueError(f"{type(self).__name__}.decoder_spec gave {len(spec.layers)} layers, the config "
+                             f"has num_hidden_layers={config.num_hidden_layers}")
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # a buffer in the model dtype: transformers rounds Gemma's sqrt(hidden) to it too
+        self.register_buffer("embed_scale", None if spec.embed_scale == 1.0 else torch.tensor(spec.embed_scale),
+                             persistent=False)
+        self.layers = nn.ModuleList(spec.block(spec.parts, Attention(config.hidden_size, attention, layer,
+                                                                     spec.parts.norm))
+                                    for layer in spec.layers)
+        self.norm = spec.parts.norm(config.hidden_size)
+        self.lm_head = None if self.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                       bias=False)
+        self.rotary = nn.ModuleDict({key: RotaryEmbedding(params, cache.head_size, config.max_position_embeddings)
+                                     for key, params in spec.rope.items()})
+        self._needs_seq_lens = any(rotary.is_length_dependent for rotary in self.rotary.values())
+        self.logits_divisor, self.final_logit_soft_cap = spec.logits_divisor, spec.final_logit_soft_cap
+        attn = self.layers[0].self_attn
+        self._shard_sizes = {"qkv_proj": (attn.q_size, attn.kv_size, attn.kv_size),
+                             "gate_up_proj": (config.intermediate_size, config.intermediate_size)}
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        if len(self.kv_caches) != len(self.layers):
+            raise RuntimeError(f"bind_kv_caches() needs one cache per layer ({len(self.layers)}) before "
+                               f"forward, got {len(self.kv_caches)}")
+        h = self.embed_tokens(input_ids)  # h: [T, hidden]
+        if self.embed_scale is not None:
+            h = h * self.embed_scale
+        seq_lens = token_seq_lens(attn_metadata, positions.shape[0]) if self._needs_seq_lens else None
+        rope = {}  # cos, sin: [T, 1, rotary_dim] in h's dtype, computed once for every layer
+        for key, rotary in self.rotary.items():
+            cos, sin = rotary(positions, seq_lens)
+            rope[key] = cos.to(h.dtype)[:, None, :], sin.to(h.dtype)[:, None, :]
+        for layer, kv_cache in zip(self.layers, self.kv_caches):
+            h = layer(h, *rope[layer.self_attn.spec.rope], kv_cache, attn_metadata)
+        return self.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(hidden, weight).float()  # [n, vocab]
+        if self.logits_divisor != 1.0:
+            logits = logits / self.logits_divisor
+        if self.final_logit_soft_cap is not None:
+            logits = self.final_logit_soft_cap * torch.tanh(logits / self.final_logit_soft_cap)
+        return logits
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for hf_name, tensor in weights:
+            if hf_name.endswith(_IGNORED_SUFFIXES) or (hf_name == "lm_head.weight" and self.lm_head is None):
+                continue  # recomputed buffers; a tied lm_head is embed_tokens itself
+            name = hf_name.removeprefix("model.")
+            module, _, leaf = name.rpartition(".")
+            parent, _, proj = module.rpartition(".")
+            shard = None
+            if proj in _FUSED:
+                fused, shard = _FUSED[proj]
+                name = f"{parent}.{fused}.{leaf}"
+            param = params.get(name)
+            if param is None:
+                raise ValueError(f"unexpected weight '{hf_name}': {type(self).__name__} for this config has no "
+                                 f"parameter '{name}'")
+            target = param.data
+            if shard is not None:
+                sizes = self._shard_sizes[fused]
+                target = target.narrow(0, sum(sizes[:shard]), sizes[shard])
+            if target.shape != tensor.shape:
+                raise ValueError(f"weight '{hf_name}' has shape {tuple(tensor.shape)}, expected "
+                                 f"{tuple(target.shape)}")
+            with torch.no_grad():
+                target.copy_(tensor)
+            loaded.add(name)
+        return loaded
