@@ -16,7 +16,12 @@ A step's batch is a flat run of new tokens, request after request:
 
 Request ``i``'s new tokens sit at positions ``seq_lens[i] - query_len_i ...
 seq_lens[i] - 1``; they attend causally among themselves and fully to the
-``seq_lens[i] - query_len_i`` tokens already in the cache.
+``seq_lens[i] - query_len_i`` tokens already in the cache, unless the layer
+has a sliding window (``forward``'s ``sliding_window``):
+
+    sliding_window 4, query at position 9: keys 6 7 8 9 (p - W < j <= p)
+    key position:  0 1 2 3 4 5 6 7 8 9
+    visible:       . . . . . . x x x x
 """
 from __future__ import annotations
 
@@ -139,12 +144,26 @@ class AttentionBackend(Component):
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+                metadata: AttentionMetadata, scale: float, *, sliding_window: int | None = None,
+                logits_soft_cap: float | None = None) -> torch.Tensor:
         """Write ``k``/``v`` into ``kv_cache`` at ``metadata.slot_mapping``, then attend.
 
         q: [num_tokens, num_heads, head_size]; k, v: [num_tokens, num_kv_heads,
         head_size]. Returns [num_tokens, num_heads, head_size] in q's dtype.
         Rows past ``metadata.num_actual_tokens`` are padding: any finite value.
+
+        The layer's own attention variant, passed on every call (one instance
+        serves layers that differ, e.g. Gemma 2's alternating local and global ones):
+
+        - ``sliding_window`` W >= 1 (HuggingFace semantics): the query at position
+          p sees only the keys at positions j with p - W < j <= p, the last W
+          positions, its own included. None: full causal attention. A window at
+          least as long as the context is the same as none.
+        - ``logits_soft_cap`` c > 0: each score s = scale * q . k becomes
+          c * tanh(s / c) before the mask and the softmax. None: no cap.
+
+        Tokens before the window stay in the cache (the model runner owns it);
+        the backend only leaves them out of the attention.
         """
 
 

@@ -249,12 +249,38 @@ def resolve_dtype(config_dtype: str, hf_config: PretrainedConfig, device: torch.
 
 
 def resolve_max_model_len(requested: int | None, hf_config: PretrainedConfig) -> int:
-    """``requested``, or the model's ``max_position_embeddings``; never more than that."""
+    """``requested``, or the model's longest context; never more than that. The longest context is
+    ``max_position_embeddings``, stretched by the rope scaling factor for the types that extend
+    the context by it (as vLLM does): ``linear`` and ``dynamic`` from ``max_position_embeddings``,
+    ``yarn`` from ``original_max_position_embeddings``."""
     limit = getattr(hf_config, "max_position_embeddings", None)
     if limit is None:
         if requested is None:
             raise ConfigError("the model config has no max_position_embeddings; set max_model_len")
         return requested
+    limit, reason = _scaled_context(hf_config, int(limit))
+    if requested is None:
+        return limit
+    if requested > limit:
+        raise ConfigError(f"max_model_len ({requested}) is larger than the model's maximum length ({reason})")
+    return requested
+
+
+def _scaled_context(hf_config: PretrainedConfig, max_position_embeddings: int) -> tuple[int, str]:
+    """The longest context and how it follows from the config."""
+    plain = (max_position_embeddings, f"max_position_embeddings = {max_position_embeddings}")
+    params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+        return plain  # none, or one per layer type
+    rope_type = params.get("rope_type") or params.get("type")
+    factor = params.get("factor")
+    if rope_type not in ("linear", "dynamic", "yarn") or not factor or factor <= 1:
+        return plain
+    base, name = max_position_embeddings, "max_position_embeddings"
+    if rope_type == "yarn" and params.get("original_max_position_embeddings"):
+        base, name = int(params["original_max_position_embeddings"]), "original_max_position_embeddings"
+    limit = int(base * factor)
+    return limit, f"{name} {base} x {rope_type} rope factor {factor} = {limit}"
     if requested is None:
         return int(limit)
     if requested > limit:

@@ -5,6 +5,17 @@ cached ones; new token j (position ``context_len + j``) sees every key at a
 position <= its own: the whole cached prefix, causally among the new tokens.
 Keys and values are read through the block table (layout in ``kv_write``).
 
+Two variants, each a constexpr flag (a launch without them compiles to the
+plain kernel). ``SLIDING_WINDOW``: position p also sees no key at or before
+``p - window``; a program starts its key loop at the tile holding the first
+key its q-tile's first query sees, and loads no key before that one.
+``SOFT_CAP``: each score s (scaled) becomes ``c * tanh(s / c)`` before the mask.
+
+    window 4, TILE_N 4: the q-tile of the queries at 8 and 9 sees keys 5..9
+    key:      0 1 2 3 | 4 5 6 7 | 8 9
+    seen:     . . . . | - x x x | x x      (-: in a loaded tile, not loaded)
+    key loop: skipped | tile 1  | tile 2
+
 Grid ``(q_tiles, num_kv_heads, num_splits)``. A q-tile is BLOCK_Q consecutive
 new tokens of one request; its rows (the M dimension of the dots) are those
 tokens times the GROUP query heads that share the program's KV head, so every
@@ -29,6 +40,7 @@ ints, and the workspace is the caller's, so a launch allocates nothing.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import triton
@@ -59,13 +71,24 @@ def _find_request(query_start_loc, q_tile, num_reqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh from one exp (the interpreter has no tanh): sign(x) (1 - e) / (1 + e), e = exp(-2|x|) <= 1."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def _paged_attention_kernel(
         out, q, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
-        part_acc, part_max, part_sum, scale_log2, num_reqs,
+        part_acc, part_max, part_sum, scale_log2, window, cap_in, cap_out, num_reqs,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
         NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+        NUM_SPLITS: tl.constexpr, DOT_IN_FP32: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
+        SOFT_CAP: tl.constexpr):
+    """``window``: read with SLIDING_WINDOW only; ``cap_in = scale / c`` and ``cap_out = c * log2(e)``
+    with SOFT_CAP only (the capped score, in base 2, is ``cap_out * tanh(cap_in * q.k)``)."""
     q_tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -91,11 +114,18 @@ def _paged_attention_kernel(
         q_tile_values = q_tile_values.to(tl.float32)
     q_pos = context_len + q_local
 
-    # keys up to the tile's last query position, cut into NUM_SPLITS runs of whole TILE_N tiles
+    # keys [kv_lo, kv_len): from the first its first query sees to the last query's own, in NUM_SPLITS runs
+    # of whole TILE_N tiles. Keys before kv_lo are never loaded: their blocks may be freed (the KV cache
+    # manager frees what lies wholly behind a window) and hold another request's data.
     kv_len = tl.minimum(context_len + (tile_in_req + 1) * BLOCK_Q, seq_len)
     num_tiles = tl.cdiv(kv_len, TILE_N)
-    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-    tile_lo = split * tiles_per_split
+    if SLIDING_WINDOW:
+        kv_lo = tl.maximum(context_len + tile_in_req * BLOCK_Q - window + 1, 0)
+    else:
+        kv_lo = 0
+    first_tile = kv_lo // TILE_N
+    tiles_per_split = tl.cdiv(num_tiles - first_tile, NUM_SPLITS)
+    tile_lo = first_tile + split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -106,6 +136,8 @@ def _paged_attention_kernel(
     for t in range(tile_lo, tile_hi):
         k_pos = t * TILE_N + offs_n
         k_ok = k_pos < kv_len
+        if SLIDING_WINDOW:
+            k_ok = k_ok & (k_pos >= kv_lo)
         block = tl.load(table + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
         kv_offset = block * stride_cb + (k_pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch  # [TILE_N]
         k_t = tl.load(key_cache + kv_offset[None, :] + dims[:, None],
@@ -115,7 +147,13 @@ def _paged_attention_kernel(
         else:
             s = tl.dot(q_tile_values, k_t)
         visible = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
-        s = tl.where(visible, s * scale_log2, float("-inf"))
+        if SLIDING_WINDOW:
+            visible = visible & (k_pos[None, :] > q_pos[:, None] - window)
+        if SOFT_CAP:
+            s = _tanh(s * cap_in) * cap_out
+        else:
+            s = s * scale_log2
+        s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row that has seen no key yet keeps max -inf: shift by 0 so exp2 gives 0, not NaN
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -149,28 +187,44 @@ def split_workspace_numel(num_tokens: int, num_heads: int, num_splits: int, head
     return num_tokens * num_heads * num_splits * (triton.next_power_of_2(head_size) + 2)
 
 
-def _launch_config(group: int, head_pad: int, max_query_len: int, itemsize: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, TILE_N, num_warps, num_stages). Decode tiles take the smallest M a dot allows;
-    prompt chunks take taller tiles, reusing each K/V tile over more rows. Rows wider than 256
-    bytes (head 256 in 16 bits, fp32 from head 96) get smaller tiles: the gathered K/V tiles'
-    64-bit addresses dominate register use. Chosen from ptxas register counts for sm_90
-    (at most a few bytes spilled); not yet tuned by timing."""
-    wide = head_pad * itemsize > 256
+def kernel_config(*, num_heads: int, num_kv_heads: int, head_size: int, block_size: int, dtype: torch.dtype,
+                  max_query_len: int, num_splits: int, sliding_window: bool,
+                  soft_cap: bool) -> tuple[dict[str, Any], int, int]:
+    """What a launch of this shape compiles: the kernel's constexprs, num_warps and num_stages
+    (``kernels.aot`` compiles the same for a GPU that is not here).
+
+    Decode tiles take the smallest M a dot allows; prompt chunks take taller tiles, reusing
+    each K/V tile over more rows. Rows wider than 256 bytes (head 256 in 16 bits, fp32 from
+    head 96) get smaller tiles: the gathered K/V tiles' 64-bit addresses dominate register
+    use. Chosen from ptxas register counts for sm_90 (at most a few bytes spilled); not yet
+    tuned by timing."""
+    group = num_heads // num_kv_heads
+    head_pad = triton.next_power_of_2(head_size)
+    wide = head_pad * dtype.itemsize > 256
     block_m = max(16, triton.next_power_of_2(group))
     if max_query_len * group <= block_m:
-        return (block_m, 16, 4, 2) if wide else (block_m, 32, 8, 3)
-    return (max(block_m, 32), 16, 8, 2) if wide else (max(block_m, 64), 32, 8, 3)
+        tile_n, num_warps, num_stages = (16, 4, 2) if wide else (32, 8, 3)
+    else:
+        block_m = max(block_m, 32 if wide else 64)
+        tile_n, num_warps, num_stages = (16, 8, 2) if wide else (32, 8, 3)
+    constexprs = dict(NUM_HEADS=num_heads, GROUP=group, HEAD_SIZE=head_size, HEAD_PAD=head_pad,
+                      BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_m // group, TILE_N=tile_n,
+                      NUM_SPLITS=num_splits, DOT_IN_FP32=dtype == torch.float32 or INTERPRETED,
+                      SLIDING_WINDOW=sliding_window, SOFT_CAP=soft_cap)
+    return constexprs, num_warps, num_stages
 
 
 def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, out: torch.Tensor, *,
                     block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                     max_query_len: int, scale: float, num_splits: int = 1,
-                    workspace: torch.Tensor | None = None) -> None:
+                    workspace: torch.Tensor | None = None, sliding_window: int | None = None,
+                    logits_soft_cap: float | None = None) -> None:
     """Attention of ``q`` ([T, num_heads, head_size], the batch's real tokens) over the paged
     cache into ``out`` (q's shape and dtype). ``query_start_loc`` [R + 1] must end at T and
     ``max_query_len`` bound every request's query length (host int: sizes the grid).
     ``num_splits > 1`` takes the split-KV path and needs an fp32 ``workspace`` of at least
-    ``split_workspace_numel(...)`` elements."""
+    ``split_workspace_numel(...)`` elements. ``sliding_window`` and ``logits_soft_cap`` as
+    in ``AttentionBackend.forward`` (None: off)."""
     if q.dim() != 3 or out.shape != q.shape or out.dtype != q.dtype:
         raise ValueError(f"q must be [num_tokens, num_heads, head_size] and out the same shape and dtype, "
                          f"got q {q.dtype} {tuple(q.shape)}, out {out.dtype} {tuple(out.shape)}")
@@ -200,13 +254,17 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+    if logits_soft_cap is not None and not 0 < logits_soft_cap < float("inf"):
+        raise ValueError(f"logits_soft_cap must be finite and > 0 or None, got {logits_soft_cap}")
     if num_tokens == 0:
         return
 
-    group = num_heads // num_kv_heads
-    head_pad = triton.next_power_of_2(head_size)
-    block_m, tile_n, num_warps, num_stages = _launch_config(group, head_pad, max_query_len, q.element_size())
-    block_q = block_m // group
+    constexprs, num_warps, num_stages = kernel_config(
+        num_heads=num_heads, num_kv_heads=num_kv_heads, head_size=head_size, block_size=block_size, dtype=q.dtype,
+        max_query_len=max_query_len, num_splits=num_splits, sliding_window=sliding_window is not None,
+        soft_cap=logits_soft_cap is not None)
     if num_splits > 1:
         needed = split_workspace_numel(num_tokens, num_heads, num_splits, head_size)
         if workspace is None or workspace.dtype != torch.float32 or workspace.numel() < needed \
@@ -214,17 +272,17 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
             got = "None" if workspace is None else f"{workspace.dtype} [{workspace.numel()}] on {workspace.device}"
             raise ValueError(f"num_splits={num_splits} needs a float32 workspace of >= {needed} elements "
                              f"on {q.device}, got {got}")
-        part_acc, part_max, part_sum = split_views(workspace, num_tokens, num_heads, num_splits, head_pad)
+        part_acc, part_max, part_sum = split_views(workspace, num_tokens, num_heads, num_splits,
+                                                   constexprs["HEAD_PAD"])
     else:
         part_acc = part_max = part_sum = out  # never touched: the kernel writes them only when split
-    grid = (num_tokens // block_q + num_reqs, num_kv_heads, num_splits)
+    cap = 1.0 if logits_soft_cap is None else float(logits_soft_cap)  # read only with SOFT_CAP
+    grid = (num_tokens // constexprs["BLOCK_Q"] + num_reqs, num_kv_heads, num_splits)
     _paged_attention_kernel[grid](
         out, q, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
-        part_acc, part_max, part_sum, scale * _LOG2E, num_reqs,
+        part_acc, part_max, part_sum, scale * _LOG2E, sliding_window or 0, scale / cap, cap * _LOG2E, num_reqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
-        NUM_HEADS=num_heads, GROUP=group, HEAD_SIZE=head_size, HEAD_PAD=head_pad, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, NUM_SPLITS=num_splits,
-        DOT_IN_FP32=q.dtype == torch.float32 or INTERPRETED, num_warps=num_warps, num_stages=num_stages)
+        **constexprs, num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         reduce_kv_splits(part_acc, part_max, part_sum, out)

@@ -9,8 +9,17 @@ shapes. With a CUDA device the same checks run compiled at real sizes
 Every batch mixes decodes and prompt chunks after cached prefixes that end
 mid-block, with shuffled block tables and padding tokens (slot -1). The
 reference is the ``torch`` backend in fp32 on the same (rounded) inputs.
+Sliding windows and soft caps have their own module (test_attention_windows);
+here they are compiled ahead of time and run on a GPU at real sizes.
+
+Every kernel variant is also compiled ahead of time for sm_80 and sm_90, with
+no GPU (``tokenmill.kernels.aot``): compile errors and register spills show up
+on CPU.
 """
+import json
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -67,21 +76,22 @@ def make_batch(prefix_lens, query_lens, *, num_heads, num_kv_heads, head_size, b
     return q, k, v, cache, md
 
 
-def run_triton(q, k, v, cache, md, **options):
-    """The triton backend's output and the cache it wrote (on a copy of ``cache``)."""
+def run_triton(q, k, v, cache, md, variant=None, **options):
+    """The triton backend's output and the cache it wrote (on a copy of ``cache``); ``variant``: the
+    ``sliding_window`` and ``logits_soft_cap`` keywords of ``forward``."""
     num_heads, (_, _, _, num_kv_heads, head_size) = q.shape[1], cache.shape
     backend = TritonAttentionBackend(num_heads=num_heads, num_kv_heads=num_kv_heads, head_size=head_size,
                                      dtype=q.dtype, device=q.device, **options)
     cache = cache.clone()
-    return backend.forward(q, k, v, cache, md, head_size ** -0.5), cache
+    return backend.forward(q, k, v, cache, md, head_size ** -0.5, **(variant or {})), cache
 
 
-def run_reference(q, k, v, cache, md):
+def run_reference(q, k, v, cache, md, variant=None):
     """The torch backend in fp32 on the same values."""
     num_heads, (_, _, _, num_kv_heads, head_size) = q.shape[1], cache.shape
     backend = TorchAttentionBackend(num_heads=num_heads, num_kv_heads=num_kv_heads, head_size=head_size,
                                     dtype=torch.float32, device=q.device)
-    return backend.forward(q.float(), k.float(), v.float(), cache.float(), md, head_size ** -0.5)
+    return backend.forward(q.float(), k.float(), v.float(), cache.float(), md, head_size ** -0.5, **(variant or {}))
 
 
 def assert_matches_reference(out, expected, md, dtype):
@@ -93,11 +103,11 @@ def assert_matches_reference(out, expected, md, dtype):
 
 
 def check_attention(num_heads, num_kv_heads, head_size, block_size, dtype, device, prefix_lens=PREFIX_LENS,
-                    query_lens=QUERY_LENS, **options):
+                    query_lens=QUERY_LENS, variant=None, **options):
     batch = make_batch(prefix_lens, query_lens, num_heads=num_heads, num_kv_heads=num_kv_heads,
                        head_size=head_size, block_size=block_size, dtype=dtype, device=device)
-    out, _ = run_triton(*batch, **options)
-    assert_matches_reference(out, run_reference(*batch), batch[4], dtype)
+    out, _ = run_triton(*batch, variant, **options)
+    assert_matches_reference(out, run_reference(*batch, variant), batch[4], dtype)
 
 
 def check_kv_write(num_kv_heads, head_size, block_size, dtype, device, prefix_lens=PREFIX_LENS,
@@ -115,16 +125,16 @@ def check_kv_write(num_kv_heads, head_size, block_size, dtype, device, prefix_le
 
 
 def check_split_kv(num_heads, num_kv_heads, head_size, block_size, dtype, device, num_splits, prefix_lens,
-                   query_lens):
+                   query_lens, variant=None):
     """Forced splits agree with one split, and both with the reference."""
     batch = make_batch(prefix_lens, query_lens, num_heads=num_heads, num_kv_heads=num_kv_heads,
                        head_size=head_size, block_size=block_size, dtype=dtype, device=device)
-    split, _ = run_triton(*batch, options={"num_kv_splits": num_splits})
-    whole, _ = run_triton(*batch, options={"num_kv_splits": 1})
+    split, _ = run_triton(*batch, variant, options={"num_kv_splits": num_splits})
+    whole, _ = run_triton(*batch, variant, options={"num_kv_splits": 1})
     n = batch[4].num_actual_tokens
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(split[:n].float(), whole[:n].float(), atol=atol, rtol=rtol)
-    assert_matches_reference(split, run_reference(*batch), batch[4], dtype)
+    assert_matches_reference(split, run_reference(*batch, variant), batch[4], dtype)
 
 
 def greedy_ids(model_dir, attention_backend, device, prompts, **options):
@@ -270,6 +280,83 @@ def test_kernel_wrappers_name_what_is_wrong():
                         torch.zeros(n, 3, 64), **args)
 
 
+# ---------------------------------------------------------------- ahead of time, for sm_80 and sm_90 (no GPU)
+
+# name -> a launch shape: a decode, a prompt chunk and a split decode for 16-bit rows of head 128, the same
+# for fp32 (fp32 dots, the smaller tiles of rows wider than 256 bytes), and a chunk of 16-bit rows of head 256
+_PHASES = {"decode": dict(max_query_len=1, num_splits=1), "chunk": dict(max_query_len=64, num_splits=1),
+           "split": dict(max_query_len=1, num_splits=4)}
+AOT_SHAPES = {
+    f"{phase}-{dtype}-h{head_size}": dict(dtype=dtype, num_heads=32, num_kv_heads=8, head_size=head_size,
+                                          block_size=16, **_PHASES[phase])
+    for dtype, head_size, phase in [("bfloat16", 128, "decode"), ("bfloat16", 128, "chunk"), ("bfloat16", 128, "split"),
+                                    ("float32", 128, "decode"), ("float32", 128, "chunk"), ("float32", 128, "split"),
+                                    ("bfloat16", 256, "chunk")]
+}
+AOT_VARIANTS = {
+    "plain": dict(sliding_window=False, soft_cap=False),
+    "window": dict(sliding_window=True, soft_cap=False),
+    "soft-cap": dict(sliding_window=False, soft_cap=True),
+    "window-soft-cap": dict(sliding_window=True, soft_cap=True),
+}
+AOT_ARCHS = [80, 90]
+# a few bytes of stack per thread (ptxas spilling a register or three) is what kernel_config's tiles allow
+AOT_MAX_STACK_BYTES = 32
+
+# compiled in one child process: under TRITON_INTERPRET=1 (set here without CUDA) kernels are Python, not compilable
+_AOT_SCRIPT = """
+import json, sys, torch
+from dataclasses import asdict
+from tokenmill.kernels.aot import compile_paged_attention, compile_split_kv_reduce
+results = {}
+for name, (kernel, args) in json.load(sys.stdin).items():
+    args["dtype"] = getattr(torch, args["dtype"])
+    compile_kernel = compile_paged_attention if kernel == "paged_attention" else compile_split_kv_reduce
+    try:
+        results[name] = asdict(compile_kernel(**args))
+    except Exception as error:
+        results[name] = {"error": f"{type(error).__name__}: {error}"}
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def aot_resources():
+    """``{"arch/shape/variant": {"registers", "stack_bytes", "local_bytes"} or {"error"}}`` for every
+    variant, plus ``"arch/split-kv-reduce"``."""
+    jobs = {}
+    for arch in AOT_ARCHS:
+        for shape, shape_args in AOT_SHAPES.items():
+            for variant, variant_args in AOT_VARIANTS.items():
+                jobs[f"{arch}/{shape}/{variant}"] = ("paged_attention", dict(arch=arch, **shape_args, **variant_args))
+        jobs[f"{arch}/split-kv-reduce"] = ("split_kv_reduce", dict(arch=arch, dtype="bfloat16", num_heads=32,
+                                                                   num_splits=4, head_size=128))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # what launches use; set, it silences triton's warning
+    done = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], input=json.dumps(jobs), env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def assert_compiled_without_spilling(resources):
+    assert "error" not in resources, resources.get("error")
+    assert resources["stack_bytes"] <= AOT_MAX_STACK_BYTES and resources["local_bytes"] == 0, \
+        f"ptxas spilled: {resources}"
+
+
+@pytest.mark.parametrize("variant", AOT_VARIANTS)
+@pytest.mark.parametrize("shape", AOT_SHAPES)
+@pytest.mark.parametrize("arch", AOT_ARCHS, ids=lambda a: f"sm_{a}")
+def test_attention_kernel_compiles_ahead_of_time(aot_resources, arch, shape, variant):
+    assert_compiled_without_spilling(aot_resources[f"{arch}/{shape}/{variant}"])
+
+
+@pytest.mark.parametrize("arch", AOT_ARCHS, ids=lambda a: f"sm_{a}")
+def test_split_kv_reduce_compiles_ahead_of_time(aot_resources, arch):
+    assert_compiled_without_spilling(aot_resources[f"{arch}/split-kv-reduce"])
+
+
 # ---------------------------------------------------------------- CUDA, compiled, real sizes
 
 REAL_PREFIX_LENS = [3000, 1, 517, 0, 2049, 96, 777, 16]  # decodes, chunks after prefixes, a fresh prompt
@@ -311,6 +398,29 @@ def test_gpu_split_kv_matches_one_split(num_splits, dtype):
                    query_lens=[1, 1, 1, 40])
 
 
+# (sliding_window, logits_soft_cap): Mistral-like, Gemma-2-like local and global layers (cap low enough to bend
+# scores of a few units)
+GPU_VARIANTS = {"window": {"sliding_window": 1000}, "soft-cap": {"logits_soft_cap": 2.0},
+                "window-soft-cap": {"sliding_window": 517, "logits_soft_cap": 2.0}}
+
+
+@pytest.mark.gpu
+@compiled_on_cuda
+@pytest.mark.parametrize("variant", GPU_VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=dtype_id)
+def test_gpu_window_and_soft_cap_match_torch(variant, dtype):
+    check_attention(32, 8, 128, 16, dtype, "cuda", prefix_lens=REAL_PREFIX_LENS, query_lens=REAL_QUERY_LENS,
+                    variant=GPU_VARIANTS[variant])
+
+
+@pytest.mark.gpu
+@compiled_on_cuda
+@pytest.mark.parametrize("variant", GPU_VARIANTS)
+def test_gpu_split_kv_with_window_and_soft_cap_matches_one_split(variant):
+    check_split_kv(32, 8, 128, 16, torch.bfloat16, "cuda", 7, prefix_lens=[8191, 1000, 5, 0],
+                   query_lens=[1, 1, 1, 40], variant=GPU_VARIANTS[variant])
+
+
 @pytest.mark.gpu
 @compiled_on_cuda
 def test_gpu_split_kv_is_picked_for_few_long_decodes_only():
@@ -323,7 +433,8 @@ def test_gpu_split_kv_is_picked_for_few_long_decodes_only():
 
 @pytest.mark.gpu
 @compiled_on_cuda
-def test_gpu_split_decode_step_replays_as_a_cuda_graph():
+@pytest.mark.parametrize("variant", [{}, GPU_VARIANTS["window-soft-cap"]], ids=["plain", "window-soft-cap"])
+def test_gpu_split_decode_step_replays_as_a_cuda_graph(variant):
     """After one warm-up step (which compiles and sizes the workspace) a decode step neither syncs
     with the host nor allocates outside the graph's pool: it captures, and a replay on new inputs
     equals an eager run."""
@@ -332,14 +443,14 @@ def test_gpu_split_decode_step_replays_as_a_cuda_graph():
     backend = TritonAttentionBackend(num_heads=32, num_kv_heads=8, head_size=128, dtype=torch.bfloat16,
                                      device="cuda", options={"num_kv_splits": 4})
     graph_cache = cache.clone()
-    backend.forward(q, k, v, graph_cache.clone(), md, 128 ** -0.5)
+    backend.forward(q, k, v, graph_cache.clone(), md, 128 ** -0.5, **variant)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        graph_out = backend.forward(q, k, v, graph_cache, md, 128 ** -0.5)
+        graph_out = backend.forward(q, k, v, graph_cache, md, 128 ** -0.5, **variant)
     for t in (q, k, v):
         t.copy_(torch.randn_like(t))
     graph.replay()
-    expected, expected_cache = run_triton(q, k, v, cache, md, options={"num_kv_splits": 4})
+    expected, expected_cache = run_triton(q, k, v, cache, md, variant, options={"num_kv_splits": 4})
     assert torch.equal(graph_out, expected) and torch.equal(graph_cache, expected_cache)
 
 

@@ -12,10 +12,10 @@ an entry-point name, a distribution name, or a built-in plugin module name:
     pytest -p tokenmill.testing --tokenmill-conformance=my_plugin
 
 Attention backends are compared with the ``torch`` reference on random paged
-inputs; drafters are checked against their output bounds and determinism;
-guided decoders against the accept/rollback/bitmask contract; model classes
-against transformers (when it has the architecture) and against their own
-paged-cache consistency.
+inputs (plain, with a sliding window, with a logits soft cap); drafters are
+checked against their output bounds and determinism; guided decoders against
+the accept/rollback/bitmask contract; model classes against transformers (when
+it has the architecture) and against their own paged-cache consistency.
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ pytest plugin in ``tokenmill.testing`` turns them into test items.
 """
 from __future__ import annotations
 
+import inspect
 import random
 from collections.abc import Callable
 
@@ -46,7 +47,27 @@ def attention_matches_reference(cls) -> None:
             _compare_two_steps(cls, device, dtype, num_heads, num_kv_heads, head_size, block_size)
 
 
-def _compare_two_steps(cls, device, dtype, num_heads, num_kv_heads, head_size, block_size) -> None:
+def attention_honours_window_and_soft_cap(cls) -> None:
+    """The same two steps with a sliding window shorter than most contexts (its edge inside a
+    block, a prompt chunk crossing it, a cached prefix longer than it), with a logits soft cap,
+    and with both, each equal to the reference. Skipped for a backend whose ``forward`` takes
+    neither keyword: it cannot serve models with windows or capped logits."""
+    params = inspect.signature(cls.forward).parameters
+    if not ({"sliding_window", "logits_soft_cap"} <= params.keys()
+            or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())):
+        pytest.skip(f"{cls.__qualname__}.forward takes no sliding_window/logits_soft_cap keywords: "
+                    "models with sliding windows or soft-capped logits cannot use it")
+    device = _device_for(cls)
+    head_size = 32 if cls.supported_head_sizes is None else min(cls.supported_head_sizes)
+    block_size = 16 if cls.supported_block_sizes is None else min(cls.supported_block_sizes)
+    dtype = torch.float32 if torch.float32 in cls.supported_dtypes else cls.supported_dtypes[0]
+    for window, soft_cap in ((6, None), (None, 1.5), (11, 1.5)):
+        _compare_two_steps(cls, device, dtype, 6, 2, head_size, block_size, sliding_window=window,
+                           logits_soft_cap=soft_cap)
+
+
+def _compare_two_steps(cls, device, dtype, num_heads, num_kv_heads, head_size, block_size, **variant) -> None:
+    """``variant``: the ``sliding_window`` and ``logits_soft_cap`` keywords, when given."""
     from tokenmill.plugins.attention.torch_backend import TorchAttentionBackend, reference_paged_attention
 
     gen = torch.Generator().manual_seed(0)
@@ -66,14 +87,20 @@ def _compare_two_steps(cls, device, dtype, num_heads, num_kv_heads, head_size, b
         total = md.num_actual_tokens + padding
         q, k, v = (torch.randn(total, h, head_size, generator=gen).to(device, dtype)
                    for h in (num_heads, num_kv_heads, num_kv_heads))
-        out = backend.forward(q, k, v, cache, md, scale)
-        expected = reference_paged_attention(q, k, v, ref_cache, md, scale)
+        if variant.get("logits_soft_cap"):  # scores of a few units: the cap bends them
+            q = q * 3
+        out = backend.forward(q, k, v, cache, md, scale, **variant)
+        expected = reference_paged_attention(q, k, v, ref_cache, md, scale, **variant)
         assert out.shape == q.shape and out.dtype == q.dtype, \
             f"{cls.name}: output {tuple(out.shape)} {out.dtype}, expected {tuple(q.shape)} {q.dtype}"
         n = md.num_actual_tokens
         torch.testing.assert_close(out[:n].float(), expected[:n].float(), atol=atol, rtol=rtol,
                                    msg=lambda m: f"{cls.name} step {step} ({dtype}, heads {num_heads}/"
-                                                 f"{num_kv_heads}) differs from the reference: {m}")
+                                                 f"{num_kv_heads}{_describe(variant)}) differs from the reference: {m}")
+
+
+def _describe(variant: dict) -> str:
+    return "".join(f", {name}={value}" for name, value in variant.items() if value is not None)
 
 
 def attention_declares_cache_shape(cls) -> None:
@@ -266,7 +293,8 @@ def options_are_validated(cls) -> None:
 
 
 CHECKS: dict[str, list[Callable]] = {
-    ATTENTION_BACKEND: [attention_declares_cache_shape, attention_matches_reference, options_are_validated],
+    ATTENTION_BACKEND: [attention_declares_cache_shape, attention_matches_reference,
+                        attention_honours_window_and_soft_cap, options_are_validated],
     DRAFTER: [drafter_respects_bounds, drafter_is_deterministic, drafter_accepts_numpy, options_are_validated],
     GUIDED_DECODER: [guided_choice_contract, guided_rejects_what_it_cannot_honour, options_are_validated],
     MODEL: [model_matches_transformers, model_uses_paged_cache, options_are_validated],

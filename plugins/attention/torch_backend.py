@@ -14,6 +14,18 @@ overhead, and padding them would waste the most. What depends only on the metada
 layer. ``reference_paged_attention`` is the plain per-request version, the
 independent reference other backends are checked against.
 
+A sliding window W changes the plan, not the kernels: each decode row gathers
+only the blocks from the one holding its window's first key, and its mask
+also hides the keys before the window; a prompt chunk gathers from its first
+query's window and gets a banded mask. Layers may differ in window, so the
+step keeps one plan per distinct window, built on first use. Soft-capped
+scores need the scores themselves, which SDPA never exposes: those calls
+compute them explicitly (matmul, cap, mask, softmax, matmul).
+
+    decode row, seq_len 30, block_size 8, W = 10: keys 20..29, in blocks 2 and 3
+    block:      0        1        2        3
+    gathered:                     ....xxxx xxxxxx..   (x: visible in the mask)
+
 Math in fp32 whatever the cache dtype (a no-op for fp32, the CPU default), as
 in the reference; outputs are cast back to q's dtype. GQA without repeating KV
 heads: query head h reads KV head h // group, so in decode the H query heads
@@ -45,25 +57,48 @@ class _DecodeBucket:
     padded_len: int
     token_index: torch.Tensor  # int64 [R]: the rows' query tokens in the flat batch
     kv_blocks: torch.Tensor  # int64 [2 * R * padded_len / block_size]: see _kv_blocks
-    mask: torch.Tensor  # bool [R, 1, 1, padded_len]: True where a key position exists
+    mask: torch.Tensor  # bool [R, 1, 1, padded_len]: True where a key is visible
 
 
 @dataclass(slots=True)
 class _Prefill:
     start: int
     end: int
-    seq_len: int
+    num_keys: int  # keys from the first block gathered (or the chunk's first token) to the last
     kv_blocks: torch.Tensor | None  # int64 (see _kv_blocks), None when the chunk is the whole context
-    mask: torch.Tensor | None  # bool [query_len, seq_len], None when the chunk is the whole context
+    mask: torch.Tensor | None  # bool [query_len, num_keys], None for plain causal over the chunk alone
+
+
+@dataclass(slots=True)
+class _WindowPlan:
+    """How one step attends under one sliding window (or none)."""
+
+    decode: list[_DecodeBucket]
+    prefill: list[_Prefill]
 
 
 @dataclass(slots=True)
 class _StepPlan:
-    """What every layer of one step shares: built from the metadata alone."""
+    """What every layer of one step shares: built from the metadata and the cache's layout."""
 
     slots: torch.Tensor | None  # int64 write slots, None when some are -1 (masked write)
-    decode: list[_DecodeBucket]
-    prefill: list[_Prefill]
+    starts: np.ndarray  # int64 [R + 1]: query_start_loc
+    seq_lens: np.ndarray  # int64 [R]
+    max_seq_len: int
+    tables: torch.Tensor  # int64 [R, max_blocks] on the CPU, unused entries clamped to block 0
+    num_blocks: int
+    block_size: int
+    device: torch.device
+    windows: dict[int | None, _WindowPlan]  # by window, filled on first use
+
+    def for_window(self, window: int | None) -> _WindowPlan:
+        """The attention plan of ``window``; a window no shorter than every context is none."""
+        if window is not None and window >= self.max_seq_len:
+            window = None
+        plan = self.windows.get(window)
+        if plan is None:
+            plan = self.windows[window] = _window_plan(self, window)
+        return plan
 
 
 @dataclass(slots=True)
@@ -89,7 +124,9 @@ class TorchAttentionBackend(AttentionBackend):
         return (2, num_blocks, block_size, num_kv_heads, head_size)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+                metadata: AttentionMetadata, scale: float, *, sliding_window: int | None = None,
+                logits_soft_cap: float | None = None) -> torch.Tensor:
+        _check_window_and_cap(sliding_window, logits_soft_cap)
         n = metadata.num_actual_tokens
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         if not isinstance(metadata.backend_state, _PlanSlot):  # a caller that did not prepare
@@ -108,27 +145,41 @@ class TorchAttentionBackend(AttentionBackend):
         out = torch.empty_like(q)
         out[n:].zero_()  # padding rows: any finite value
         group = self.num_heads // self.num_kv_heads
-        for bucket in plan.decode:
+        window_plan = plan.for_window(sliding_window)
+        for bucket in window_plan.decode:
             keys, values = self._gather(kv_cache, bucket.kv_blocks)  # [R * L, KV, D] each
             keys = keys.view(bucket.num_rows, bucket.padded_len, self.num_kv_heads, -1).transpose(1, 2)
             values = values.view(bucket.num_rows, bucket.padded_len, self.num_kv_heads, -1).transpose(1, 2)
             qh = q[bucket.token_index].view(bucket.num_rows, self.num_kv_heads, group, -1)
-            attn = F.scaled_dot_product_attention(qh.float(), keys.float(), values.float(),
-                                                  attn_mask=bucket.mask, scale=scale)  # [R, KV, group, D]
+            if logits_soft_cap is None:
+                attn = F.scaled_dot_product_attention(qh.float(), keys.float(), values.float(),
+                                                      attn_mask=bucket.mask, scale=scale)  # [R, KV, group, D]
+            else:
+                attn = _soft_capped_attention(qh.float(), keys.float(), values.float(), bucket.mask, scale,
+                                              logits_soft_cap)
             out[bucket.token_index] = attn.reshape(bucket.num_rows, self.num_heads, -1).to(out.dtype)
-        for chunk in plan.prefill:
+        for chunk in window_plan.prefill:
             start, end = chunk.start, chunk.end
             if chunk.kv_blocks is None:  # no cached prefix: this step's k/v are the whole context
                 keys, values = k[start:end].to(key_cache.dtype), v[start:end].to(value_cache.dtype)
             else:
                 keys, values = self._gather(kv_cache, chunk.kv_blocks)
-                keys, values = keys[: chunk.seq_len], values[: chunk.seq_len]
+                keys, values = keys[: chunk.num_keys], values[: chunk.num_keys]
             keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [KV, L, D]
-            # 4-D inputs: CPU SDPA takes its flash kernel only for those (3-D falls back to the math one)
-            attn = F.scaled_dot_product_attention(
-                q[start:end].transpose(0, 1)[None].float(), keys[None].float(), values[None].float(),
-                attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scale, enable_gqa=True)  # [1, H, Q, D]
-            out[start:end] = attn[0].transpose(0, 1).to(out.dtype)
+            if logits_soft_cap is None:
+                # 4-D inputs: CPU SDPA takes its flash kernel only for those (3-D falls back to the math one)
+                attn = F.scaled_dot_product_attention(
+                    q[start:end].transpose(0, 1)[None].float(), keys[None].float(), values[None].float(),
+                    attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scale, enable_gqa=True)[0]
+            else:
+                # [Q, H, D] -> [KV, group, Q, D]: each KV head's keys serve its group of query heads
+                qh = q[start:end].transpose(0, 1).reshape(self.num_kv_heads, group, end - start, -1)
+                mask = chunk.mask
+                if mask is None:
+                    mask = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).tril()
+                attn = _soft_capped_attention(qh.float(), keys[:, None].float(), values[:, None].float(), mask,
+                                              scale, logits_soft_cap).flatten(0, 1)
+            out[start:end] = attn.transpose(0, 1).to(out.dtype)  # [H, Q, D] -> [Q, H, D]
         return out
 
     def _gather(self, kv_cache: torch.Tensor, kv_blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,34 +201,75 @@ class TorchAttentionBackend(AttentionBackend):
 
     def _step_plan(self, metadata: AttentionMetadata, num_blocks: int, block_size: int,
                    device: torch.device) -> _StepPlan:
-        """The step's plan: write slots, decode buckets and prefill chunks."""
+        """The step's write slots and what every window's attention plan is made of."""
         n = metadata.num_actual_tokens
         slot_mapping = metadata.slot_mapping[:n]
         slots = slot_mapping if bool((slot_mapping >= 0).all()) else None
-        starts = metadata.query_start_loc_cpu.numpy().astype(np.int64)
         seq_lens = metadata.seq_lens_cpu.numpy().astype(np.int64)
-        query_lens = starts[1:] - starts[:-1]
-        tables = metadata.block_tables.cpu().to(torch.int64).clamp_min(0)  # unused entries may hold anything
-        decode = []
-        for rows in _bucket_rows(np.flatnonzero(query_lens == 1), seq_lens, block_size):
-            lens = torch.from_numpy(seq_lens[rows])
-            padded_len = -(-int(lens.max()) // block_size) * block_size
-            mask = torch.arange(padded_len)[None, :] < lens[:, None]  # [R, padded_len]
-            decode.append(_DecodeBucket(
-                num_rows=len(rows), padded_len=padded_len, token_index=torch.from_numpy(starts[rows]).to(device),
-                kv_blocks=_kv_blocks(tables[torch.from_numpy(rows), : padded_len // block_size], num_blocks,
-                                     device),
-                mask=mask[:, None, None, :].to(device)))
-        prefill = []
-        for i in np.flatnonzero(query_lens > 1).tolist():
-            query_len, seq_len = int(query_lens[i]), int(seq_lens[i])
-            kv_blocks = mask = None  # no cached prefix: causal from the top left, as SDPA's is_causal
-            if seq_len != query_len:
-                kv_blocks = _kv_blocks(tables[i, : -(-seq_len // block_size)], num_blocks, device)
-                q_pos = torch.arange(seq_len - query_len, seq_len)
-                mask = (torch.arange(seq_len)[None, :] <= q_pos[:, None]).to(device)  # [Q, seq_len]
-            prefill.append(_Prefill(int(starts[i]), int(starts[i + 1]), seq_len, kv_blocks, mask))
-        return _StepPlan(slots, decode, prefill)
+        return _StepPlan(
+            slots=slots, starts=metadata.query_start_loc_cpu.numpy().astype(np.int64), seq_lens=seq_lens,
+            max_seq_len=int(seq_lens.max(initial=0)),
+            tables=metadata.block_tables.cpu().to(torch.int64).clamp_min(0),  # unused entries may hold anything
+            num_blocks=num_blocks, block_size=block_size, device=device, windows={})
+
+
+def _window_plan(step: _StepPlan, window: int | None) -> _WindowPlan:
+    """Decode buckets and prefill chunks of ``step`` under ``window`` (None: full causal).
+
+    A decode row gathers the blocks from the one holding its first visible key,
+    ``max(seq_len - window, 0)``, to its last; a bucket pads its rows to its
+    widest run of blocks, repeating a row's last block (the mask hides it)."""
+    starts, seq_lens, tables, block_size, device = step.starts, step.seq_lens, step.tables, step.block_size, step.device
+    query_lens = starts[1:] - starts[:-1]
+    first_key = np.zeros_like(seq_lens) if window is None else np.maximum(seq_lens - query_lens + 1 - window, 0)
+    first_block = first_key // block_size
+    last_block = (seq_lens - 1) // block_size
+    decode = []
+    span_lens = (last_block - first_block + 1) * block_size  # tokens of the blocks a row gathers
+    for rows in _bucket_rows(np.flatnonzero(query_lens == 1), span_lens, block_size):
+        padded_len = int(span_lens[rows].max())
+        rows_t = torch.from_numpy(rows)
+        block_index = torch.from_numpy(first_block[rows])[:, None] + torch.arange(padded_len // block_size)
+        block_index = block_index.minimum(torch.from_numpy(last_block[rows])[:, None])
+        k_pos = torch.from_numpy(first_block[rows] * block_size)[:, None] + torch.arange(padded_len)
+        mask = (k_pos >= torch.from_numpy(first_key[rows])[:, None]) \
+            & (k_pos < torch.from_numpy(seq_lens[rows])[:, None])  # [R, padded_len]
+        decode.append(_DecodeBucket(
+            num_rows=len(rows), padded_len=padded_len, token_index=torch.from_numpy(starts[rows]).to(device),
+            kv_blocks=_kv_blocks(tables[rows_t[:, None], block_index], step.num_blocks, device),
+            mask=mask[:, None, None, :].to(device)))
+    prefill = []
+    for i in np.flatnonzero(query_lens > 1).tolist():
+        query_len, seq_len = int(query_lens[i]), int(seq_lens[i])
+        key_start = int(first_block[i]) * block_size
+        kv_blocks = mask = None  # no cached prefix: causal from the top left, as SDPA's is_causal
+        if seq_len != query_len:
+            kv_blocks = _kv_blocks(tables[i, int(first_block[i]): int(last_block[i]) + 1], step.num_blocks, device)
+        if seq_len != query_len or (window is not None and seq_len > window):
+            q_pos = torch.arange(seq_len - query_len, seq_len)[:, None]
+            k_pos = torch.arange(key_start, seq_len)[None, :]
+            mask = k_pos <= q_pos
+            if window is not None:
+                mask &= k_pos > q_pos - window
+            mask = mask.to(device)  # [Q, seq_len - key_start]
+        prefill.append(_Prefill(int(starts[i]), int(starts[i + 1]), seq_len - key_start, kv_blocks, mask))
+    return _WindowPlan(decode, prefill)
+
+
+def _soft_capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                           soft_cap: float) -> torch.Tensor:
+    """``softmax(c * tanh(scale * q k^T / c), masked) v`` for q [..., M, D] and k, v [..., L, D];
+    ``mask`` (True: visible) broadcasts to the scores [..., M, L]. Every row sees some key."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale / soft_cap).tanh_().mul_(soft_cap)
+    scores.masked_fill_(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1), v)
+
+
+def _check_window_and_cap(sliding_window: int | None, logits_soft_cap: float | None) -> None:
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+    if logits_soft_cap is not None and not 0 < logits_soft_cap < float("inf"):
+        raise ValueError(f"logits_soft_cap must be finite and > 0 or None, got {logits_soft_cap}")
 
 
 def _kv_blocks(block_ids: torch.Tensor, num_blocks: int, device: torch.device) -> torch.Tensor:
@@ -187,13 +279,13 @@ def _kv_blocks(block_ids: torch.Tensor, num_blocks: int, device: torch.device) -
     return torch.cat((block_ids, block_ids + num_blocks)).to(device)
 
 
-def _bucket_rows(rows: np.ndarray, seq_lens: np.ndarray, block_size: int) -> list[np.ndarray]:
-    """Split decode rows into buckets of similar context length, minimising padded
-    tokens + a per-bucket overhead (contiguous ranges of the rows sorted by length)."""
+def _bucket_rows(rows: np.ndarray, lens: np.ndarray, block_size: int) -> list[np.ndarray]:
+    """Split decode rows into buckets of similar length (``lens``: the keys each row gathers),
+    minimising padded tokens + a per-bucket overhead (contiguous ranges of the rows sorted by length)."""
     if len(rows) == 0:
         return []
-    rows = rows[np.argsort(-seq_lens[rows], kind="stable")]
-    padded = -(-seq_lens[rows] // block_size) * block_size  # descending
+    rows = rows[np.argsort(-lens[rows], kind="stable")]
+    padded = -(-lens[rows] // block_size) * block_size  # descending
     # best[j]: cheapest split of the first j rows; a bucket rows[i:j] costs (j - i) * padded[i]
     best = np.zeros(len(rows) + 1)
     cut = np.zeros(len(rows) + 1, dtype=np.int64)
@@ -219,9 +311,11 @@ def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, k: torch.Tensor
 
 
 def reference_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                              metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+                              metadata: AttentionMetadata, scale: float, *, sliding_window: int | None = None,
+                              logits_soft_cap: float | None = None) -> torch.Tensor:
     """The reference: ``AttentionBackend.forward`` for the torch cache layout, one request
-    at a time, in fp32, KV heads repeated for GQA. Plain and slow on purpose."""
+    at a time, in fp32, KV heads repeated for GQA, every score computed and masked
+    explicitly (no SDPA, which the backends use). Plain and slow on purpose."""
     n = metadata.num_actual_tokens
     key_cache, value_cache = kv_cache[0], kv_cache[1]
     block_size = key_cache.shape[1]
@@ -243,9 +337,15 @@ def reference_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         qh = q[start:end].transpose(0, 1).float()
         kh = keys.transpose(0, 1).float().repeat_interleave(group, dim=0)
         vh = values.transpose(0, 1).float().repeat_interleave(group, dim=0)
-        # new token j sits at position seq_len - query_len + j and sees keys up to it
-        q_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)
-        mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
-        attn = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
-        out[start:end] = attn.transpose(0, 1).to(q.dtype)
+        scores = scale * qh @ kh.transpose(1, 2)  # [heads, query_len, seq_len]
+        if logits_soft_cap is not None:
+            scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
+        # new token j sits at position p = seq_len - query_len + j and sees keys up to it (and after p - W)
+        q_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)[:, None]
+        k_pos = torch.arange(seq_len, device=q.device)[None, :]
+        mask = k_pos <= q_pos
+        if sliding_window is not None:
+            mask = mask & (k_pos > q_pos - sliding_window)
+        weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        out[start:end] = (weights @ vh).transpose(0, 1).to(q.dtype)
     return out

@@ -10,11 +10,12 @@ A step is two launches, whatever mixes of decodes and prompt chunks it holds:
 
 Split-KV (flash-decoding) pays when a batch gives too few programs to fill the
 GPU: few requests x KV heads over long contexts. It is then split so there are
-about two programs per SM, each covering at least ``_MIN_KEYS_PER_SPLIT`` keys.
-``num_kv_splits`` fixes the number instead (1: never split), which also keeps
-the grid of a captured CUDA graph constant. The split workspace is allocated on
-the first split launch at its maximal size and reused: after that warm-up a
-decode launch allocates nothing and reads nothing back to the host.
+about two programs per SM, each covering at least ``_MIN_KEYS_PER_SPLIT`` keys
+(of the layer's sliding window, when it has one). ``num_kv_splits`` fixes the
+number instead (1: never split), which also keeps the grid of a captured CUDA
+graph constant. The split workspace is allocated on the first split launch at
+its maximal size and reused: after that warm-up a decode launch allocates
+nothing and reads nothing back to the host.
 
 On CPU the kernels run only under the Triton interpreter (``TRITON_INTERPRET=1``,
 set before the kernels are imported), which is for tests: it is slow.
@@ -108,22 +109,24 @@ class TritonAttentionBackend(AttentionBackend):
         return (2, num_blocks, block_size, num_kv_heads, head_size)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+                metadata: AttentionMetadata, scale: float, *, sliding_window: int | None = None,
+                logits_soft_cap: float | None = None) -> torch.Tensor:
         n = metadata.num_actual_tokens
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         self._write_kv_cache(k[:n], v[:n], key_cache, value_cache, metadata.slot_mapping[:n])
         out = torch.empty_like(q)
         out[n:].zero_()  # padding rows: any finite value
-        num_splits = self.num_kv_splits_for(metadata)
+        num_splits = self.num_kv_splits_for(metadata, sliding_window)
         workspace = self._split_workspace(n, num_splits, q.device) if num_splits > 1 else None
         self._paged_attention(q[:n], key_cache, value_cache, out[:n], block_tables=metadata.block_tables,
                               seq_lens=metadata.seq_lens, query_start_loc=metadata.query_start_loc,
                               max_query_len=metadata.max_query_len, scale=scale, num_splits=num_splits,
-                              workspace=workspace)
+                              workspace=workspace, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
         return out
 
-    def num_kv_splits_for(self, metadata: AttentionMetadata) -> int:
-        """How many KV splits this step's attention launch uses (1: no split)."""
+    def num_kv_splits_for(self, metadata: AttentionMetadata, sliding_window: int | None = None) -> int:
+        """How many KV splits a layer with ``sliding_window`` uses in this step (1: no split);
+        a window bounds the keys a decode reads, so it splits less."""
         if self.num_kv_splits is not None:
             return self.num_kv_splits
         if self._num_sms is None or metadata.num_actual_tokens > _SPLIT_MAX_TOKENS:
@@ -131,7 +134,8 @@ class TritonAttentionBackend(AttentionBackend):
         programs = metadata.num_reqs * self.num_kv_heads
         if programs >= self._num_sms:
             return 1
-        splits = min(_MAX_SPLITS, -(-2 * self._num_sms // programs), metadata.max_seq_len // _MIN_KEYS_PER_SPLIT)
+        max_keys = metadata.max_seq_len if sliding_window is None else min(metadata.max_seq_len, sliding_window)
+        splits = min(_MAX_SPLITS, -(-2 * self._num_sms // programs), max_keys // _MIN_KEYS_PER_SPLIT)
         return splits if splits >= 2 else 1
 
     def _split_workspace(self, num_tokens: int, num_splits: int, device: torch.device) -> torch.Tensor:

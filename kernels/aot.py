@@ -1,0 +1,104 @@
+"""Ahead-of-time compilation of the attention kernels for a GPU that is not here.
+
+``triton.compile`` takes a kernel with its argument types and constexprs and a
+target (``GPUTarget("cuda", 90, 32)``: sm_90) and runs the whole pipeline down
+to a cubin with the ptxas that ships with triton; no driver, no device. The
+test suite compiles each kernel variant we ship this way, so compile errors
+and register spills show up on a CPU-only machine before any GPU run.
+
+The constexprs come from the launch wrapper's own ``kernel_config``, the
+argument types from what the backend passes (int32 metadata, 16-byte aligned
+tensors, strides that are multiples of 16): the variant compiled here is the
+one a launch of that shape compiles. Needs compiled kernels: run it in a
+process without ``TRITON_INTERPRET=1``.
+"""
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from .paged_attention import INTERPRETED, _paged_attention_kernel, kernel_config
+from .split_kv_reduce import _reduce_kv_splits_kernel
+
+_POINTER_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+_ALIGNED = [["tt.divisibility", 16]]
+
+
+@dataclass(frozen=True, slots=True)
+class KernelResources:
+    """What ptxas gave one compiled kernel: registers per thread, and the bytes of stack and
+    local memory per thread (non-zero: it spilled registers)."""
+
+    registers: int
+    stack_bytes: int
+    local_bytes: int
+
+    @property
+    def spills(self) -> bool:
+        return self.stack_bytes > 0 or self.local_bytes > 0
+
+
+def compile_paged_attention(arch: int, *, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_size: int,
+                            block_size: int, max_query_len: int, num_splits: int = 1, sliding_window: bool = False,
+                            soft_cap: bool = False) -> KernelResources:
+    """Compile the paged attention variant a launch of this shape uses for ``sm_{arch}``."""
+    constexprs, num_warps, num_stages = kernel_config(
+        num_heads=num_heads, num_kv_heads=num_kv_heads, head_size=head_size, block_size=block_size, dtype=dtype,
+        max_query_len=max_query_len, num_splits=num_splits, sliding_window=sliding_window, soft_cap=soft_cap)
+    data = _POINTER_TYPES[dtype]
+    partial = "*fp32" if num_splits > 1 else data  # unsplit launches pass `out` for the unused workspace
+    types = dict(out=data, q=data, key_cache=data, value_cache=data, block_tables="*i32", seq_lens="*i32",
+                 query_start_loc="*i32", part_acc=partial, part_max=partial, part_sum=partial, scale_log2="fp32",
+                 window="i32", cap_in="fp32", cap_out="fp32", num_reqs="i32")
+    strides = [name for name in _paged_attention_kernel.arg_names if name.startswith("stride_")]
+    types.update(dict.fromkeys(strides, "i32"))
+    aligned = {name for name, t in types.items() if t.startswith("*")} | set(strides)
+    return _compile(_paged_attention_kernel, arch, types, aligned, constexprs, num_warps=num_warps,
+                    num_stages=num_stages)
+
+
+def compile_split_kv_reduce(arch: int, *, dtype: torch.dtype, num_heads: int, num_splits: int,
+                            head_size: int) -> KernelResources:
+    """Compile the split-KV merge ``reduce_kv_splits`` launches for that shape, for ``sm_{arch}``."""
+    constexprs = dict(NUM_HEADS=num_heads, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
+                      HEAD_SIZE=head_size, HEAD_PAD=triton.next_power_of_2(head_size))
+    types = dict(out=_POINTER_TYPES[dtype], part_acc="*fp32", part_max="*fp32", part_sum="*fp32",
+                 stride_ot="i32", stride_oh="i32")
+    return _compile(_reduce_kv_splits_kernel, arch, types, set(types), constexprs, num_warps=4, num_stages=3)
+
+
+def _compile(kernel, arch: int, types: dict[str, str], aligned: set[str], constexprs: dict[str, Any], *,
+             num_warps: int, num_stages: int) -> KernelResources:
+    if INTERPRETED:
+        raise RuntimeError("the kernels were defined under TRITON_INTERPRET=1, which cannot compile them: "
+                           "compile ahead of time in a process without it")
+    names = kernel.arg_names
+    missing = set(names) - set(types) - set(constexprs)
+    if missing:
+        raise ValueError(f"{kernel.__name__}: no type or constexpr for {sorted(missing)}")
+    signature = {name: "constexpr" if name in constexprs else types[name] for name in names}
+    attrs = {(i,): _ALIGNED for i, name in enumerate(names) if name in aligned}  # in order: part of the cache key
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    return _resources(compiled.asm["cubin"], kernel.__name__)
+
+
+def _resources(cubin: bytes, name: str) -> KernelResources:
+    """Registers, stack and local bytes of kernel ``name`` in ``cubin``, as cuobjdump reports them."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        report = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", f.name], capture_output=True,
+                                text=True, check=True).stdout
+    lines = report.splitlines()
+    usage = next(lines[i + 1] for i, line in enumerate(lines) if line.strip() == f"Function {name}:")
+    fields = dict(item.split(":", 1) for item in usage.split())
+    return KernelResources(registers=int(fields["REG"]), stack_bytes=int(fields["STACK"]),
+                           local_bytes=int(fields["LOCAL"]))
