@@ -81,6 +81,10 @@ class AttentionBackend(Component):
     # allocations outside the graph's pool, a launch configuration fixed by the metadata's
     # host ints (see cuda_graphs)
     supports_cuda_graphs: ClassVar[bool] = False
+    # True when ``forward`` honours the ``sliding_window`` / ``logits_soft_cap`` keywords; a
+    # model whose layers use either runs only on a backend that declares it
+    supports_sliding_window: ClassVar[bool] = False
+    supports_logits_soft_cap: ClassVar[bool] = False
 
     def __init__(self, options: Any = None, *, num_heads: int, num_kv_heads: int, head_size: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
@@ -114,6 +118,14 @@ class AttentionBackend(Component):
             return f"block_size must be one of {list(cls.supported_block_sizes)}, got {block_size}"
         return None
 
+    @classmethod
+    def unsupported_variant(cls, *, sliding_window: bool = False, logits_soft_cap: bool = False) -> str | None:
+        """Why this backend cannot serve a model whose layers use these attention variants."""
+        missing = [name for name, used, supported in (
+            ("sliding windows", sliding_window, cls.supports_sliding_window),
+            ("logit soft-capping", logits_soft_cap, cls.supports_logits_soft_cap)) if used and not supported]
+        return f"the model's layers use {' and '.join(missing)}, which it does not support" if missing else None
+
     def prepare(self, metadata: AttentionMetadata) -> Any:
         """The backend's own per-step state, made from the step's metadata once before any
         layer runs (and once when a CUDA graph is captured: then only device work may depend
@@ -134,6 +146,7 @@ class AttentionBackend(Component):
             "dtypes": [str(d).removeprefix("torch.") for d in cls.supported_dtypes],
             "head_sizes": "any" if cls.supported_head_sizes is None else list(cls.supported_head_sizes),
             "block_sizes": "any" if cls.supported_block_sizes is None else list(cls.supported_block_sizes),
+            "sliding_window": cls.supports_sliding_window, "logits_soft_cap": cls.supports_logits_soft_cap,
         }
 
     @staticmethod
@@ -168,12 +181,15 @@ class AttentionBackend(Component):
 
 
 def select_attention_backend(backends: Mapping[str, type[AttentionBackend]], *, device: torch.device,
-                             dtype: torch.dtype, head_size: int, block_size: int) -> str:
+                             dtype: torch.dtype, head_size: int, block_size: int, sliding_window: bool = False,
+                             logits_soft_cap: bool = False) -> str:
     """The name of the supported backend with the highest ``priority(device)``; an error
-    saying why each backend was passed over when none supports this model and cache."""
+    saying why each backend was passed over when none supports this model and cache.
+    ``sliding_window`` / ``logits_soft_cap``: whether the model's layers use them."""
     ranked, reasons = [], []
     for name, cls in sorted(backends.items()):
-        problem = cls.unsupported_reason(head_size=head_size, dtype=dtype, device=device, block_size=block_size)
+        problem = unsupported(cls, head_size=head_size, dtype=dtype, device=device, block_size=block_size,
+                              sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
         if problem:
             reasons.append(f"'{name}': {problem}")
         else:
@@ -182,3 +198,10 @@ def select_attention_backend(backends: Mapping[str, type[AttentionBackend]], *, 
         raise ConfigError(f"attention_backend: no registered backend serves head_size={head_size}, {dtype}, "
                           f"block_size={block_size} on {device.type}: {'; '.join(reasons) or 'none is registered'}")
     return max(ranked)[1]
+
+
+def unsupported(cls: type[AttentionBackend], *, head_size: int, dtype: torch.dtype, device: torch.device,
+                block_size: int, sliding_window: bool = False, logits_soft_cap: bool = False) -> str | None:
+    """Why ``cls`` cannot serve this model and cache (its shapes, then its attention variants)."""
+    return (cls.unsupported_reason(head_size=head_size, dtype=dtype, device=device, block_size=block_size)
+            or cls.unsupported_variant(sliding_window=sliding_window, logits_soft_cap=logits_soft_cap))

@@ -34,7 +34,8 @@ def _model_attention_row(registry: Any, args: argparse.Namespace) -> dict[str, s
     device = resolve_device(args.device)
     return attention_choice_for_model(registry.available(ATTENTION_BACKEND), model=args.model, device=device,
                                       dtype=resolve_dtype(args.dtype, hf_config, device), head_size=spec.head_size,
-                                      block_size=args.block_size)
+                                      block_size=args.block_size, sliding_window=spec.uses_sliding_window,
+                                      logits_soft_cap=spec.uses_logits_soft_cap)
 
 
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -54,13 +54,18 @@ class EngineCore:
 
         spec = model_cls.kv_cache_spec(self.hf_config)
         block_size = config.cache.block_size
+        variants = dict(sliding_window=spec.uses_sliding_window, logits_soft_cap=spec.uses_logits_soft_cap)
         backend_name = config.attention_backend or select_attention_backend(
             registry.available(ATTENTION_BACKEND), device=self.device, dtype=self.dtype, head_size=spec.head_size,
-            block_size=block_size)
+            block_size=block_size, **variants)
         backend_cls = registry.get(ATTENTION_BACKEND, backend_name)
         problem = backend_cls.unsupported_reason(block_size=block_size)
         if problem:
             raise ConfigError(f"block_size: attention backend '{backend_name}' {problem}")
+        problem = backend_cls.unsupported_variant(**variants)
+        if problem:
+            raise ConfigError(f"attention_backend: '{backend_name}' cannot run {type(self.hf_config).__name__}: "
+                              f"{problem}")
         attention = registry.create(ATTENTION_BACKEND, backend_name, config.attention_config,
                                     section="attention_config", num_heads=self.hf_config.num_attention_heads,
                                     num_kv_heads=spec.num_kv_heads, head_size=spec.head_size, dtype=self.dtype,

@@ -129,22 +129,24 @@ def _attention_choice(backends: dict[str, type]) -> dict[str, str]:
 
 
 def attention_choice_for_model(backends: dict[str, type], *, model: str, device: torch.device, dtype: torch.dtype,
-                               head_size: int, block_size: int) -> dict[str, str]:
+                               head_size: int, block_size: int, sliding_window: bool = False,
+                               logits_soft_cap: bool = False) -> dict[str, str]:
     """The row saying which backend serves one model when none is named, and why each other
     backend was or was not chosen (its priority, or what it does not support)."""
-    from .attention import select_attention_backend
+    from .attention import select_attention_backend, unsupported
     from .errors import ConfigError
 
+    shape = dict(device=device, dtype=dtype, head_size=head_size, block_size=block_size,
+                 sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
     try:
-        chosen = select_attention_backend(backends, device=device, dtype=dtype, head_size=head_size,
-                                          block_size=block_size)
+        chosen = select_attention_backend(backends, **shape)
     except ConfigError as exc:
         return {"feature": "attention_backend_for_model", "status": "unavailable", "detail": str(exc)}
     others = []
     for name, cls in sorted(backends.items()):
         if name == chosen:
             continue
-        problem = cls.unsupported_reason(head_size=head_size, dtype=dtype, device=device, block_size=block_size)
+        problem = unsupported(cls, **shape)
         others.append(f"{name}: {problem}" if problem else f"{name}: lower priority ({cls.priority(device)})")
     shape = f"head_size={head_size}, {str(dtype).removeprefix('torch.')}, block_size={block_size} on {device.type}"
     detail = f"{model} ({shape}): {chosen} (priority {backends[chosen].priority(device)})"

@@ -54,6 +54,10 @@ class KVCacheSpec:
     # the window when every layer attends to the last ``sliding_window`` positions only: the
     # engine then frees the KV blocks behind it as a request advances; None when any layer is global
     sliding_window: int | None = None
+    # whether any layer uses a sliding window / a logits soft cap: the attention backend must
+    # support it (``AttentionBackend.supports_sliding_window`` / ``supports_logits_soft_cap``)
+    uses_sliding_window: bool = False
+    uses_logits_soft_cap: bool = False
 
 
 class Model(torch.nn.Module, Component):

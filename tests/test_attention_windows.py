@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from tokenmill.attention import select_attention_backend
+from tokenmill.errors import ConfigError
 from tokenmill.plugins.attention import TorchAttentionBackend, TritonAttentionBackend
 from tokenmill.plugins.attention.torch_backend import reference_paged_attention, write_kv
 from tokenmill.testing.builders import make_attention_metadata, shuffled_block_tables
@@ -321,7 +323,13 @@ class _IgnoresTheCap(TorchAttentionBackend):
         return super().forward(q, k, v, kv_cache, metadata, scale, sliding_window=sliding_window)
 
 
-class _PredatesTheKeywords(TorchAttentionBackend):
+class _DeclaresNeither(TorchAttentionBackend):
+    supports_sliding_window = supports_logits_soft_cap = False
+
+    @classmethod
+    def priority(cls, device):
+        return 5  # preferred over the torch backend when a model needs neither
+
     def forward(self, q, k, v, kv_cache, metadata, scale):
         return super().forward(q, k, v, kv_cache, metadata, scale)
 
@@ -332,6 +340,16 @@ def test_conformance_check_fails_a_backend_that_ignores_an_option(backend):
         attention_honours_window_and_soft_cap(backend)
 
 
-def test_conformance_check_skips_a_backend_without_the_keywords():
-    with pytest.raises(pytest.skip.Exception, match="takes no sliding_window/logits_soft_cap"):
-        attention_honours_window_and_soft_cap(_PredatesTheKeywords)
+def test_conformance_check_has_nothing_to_check_for_a_backend_declaring_neither():
+    with pytest.raises(pytest.skip.Exception, match="declares neither supports_sliding_window"):
+        attention_honours_window_and_soft_cap(_DeclaresNeither)
+
+
+def test_a_model_using_windows_or_caps_only_gets_a_backend_that_declares_them():
+    shape = dict(device=torch.device("cpu"), dtype=torch.float32, head_size=32, block_size=16)
+    backends = {"old": _DeclaresNeither, "torch": TorchAttentionBackend}
+    assert select_attention_backend(backends, **shape) == "old"
+    assert select_attention_backend(backends, **shape, sliding_window=True) == "torch"
+    assert select_attention_backend(backends, **shape, logits_soft_cap=True) == "torch"
+    with pytest.raises(ConfigError, match="'old': the model's layers use sliding windows and logit soft-capping"):
+        select_attention_backend({"old": _DeclaresNeither}, **shape, sliding_window=True, logits_soft_cap=True)

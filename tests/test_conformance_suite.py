@@ -15,7 +15,7 @@ GOOD_ATTENTION = """
         '''Token-by-token attention: a different implementation of the same contract.'''
         name = "acme-loop"
 
-        def forward(self, q, k, v, kv_cache, md, scale):
+        def forward(self, q, k, v, kv_cache, md, scale, *, sliding_window=None, logits_soft_cap=None):
             n = md.num_actual_tokens
             write_kv(kv_cache[0], kv_cache[1], k[:n], v[:n], md.slot_mapping[:n])
             out = torch.zeros_like(q)
@@ -25,10 +25,14 @@ GOOD_ATTENTION = """
             for i, seq_len in enumerate(md.seq_lens_cpu.tolist()):
                 for t in range(starts[i], starts[i + 1]):
                     pos = seq_len - (starts[i + 1] - t)
-                    slots = [int(md.block_tables[i, p // bs]) * bs + p % bs for p in range(pos + 1)]
+                    first = 0 if sliding_window is None else max(0, pos - sliding_window + 1)
+                    slots = [int(md.block_tables[i, p // bs]) * bs + p % bs for p in range(first, pos + 1)]
                     keys = kv_cache[0].flatten(0, 1)[slots].float().repeat_interleave(group, 1)
                     vals = kv_cache[1].flatten(0, 1)[slots].float().repeat_interleave(group, 1)
-                    w = torch.softmax(torch.einsum("hd,phd->hp", q[t].float(), keys) * scale, -1)
+                    scores = torch.einsum("hd,phd->hp", q[t].float(), keys) * scale
+                    if logits_soft_cap is not None:
+                        scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
+                    w = torch.softmax(scores, -1)
                     out[t] = torch.einsum("hp,phd->hd", w, vals).to(q.dtype)
             return out
 
@@ -84,7 +88,8 @@ def test_good_plugin_passes(plugin_site, tmp_path):
     plugin_site("acme-good", DRAFTER_PLUGIN + GOOD_ATTENTION.replace("    import torch\n    from tokenmill import hookimpl\n", "    import torch\n"))
     result = run_suite(plugin_site, tmp_path, "acme-good")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert re.search(r"\b7 passed\b", result.stdout), result.stdout  # 5 contract checks, options for both
+    # 6 contract checks (windows and soft caps included: the backend declares them), options for both
+    assert re.search(r"\b8 passed\b", result.stdout), result.stdout
 
 
 def test_bad_plugin_fails_with_the_broken_contract_named(plugin_site, tmp_path):

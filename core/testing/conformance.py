@@ -6,7 +6,6 @@ pytest plugin in ``tokenmill.testing`` turns them into test items.
 """
 from __future__ import annotations
 
-import inspect
 import random
 from collections.abc import Callable
 
@@ -50,18 +49,19 @@ def attention_matches_reference(cls) -> None:
 def attention_honours_window_and_soft_cap(cls) -> None:
     """The same two steps with a sliding window shorter than most contexts (its edge inside a
     block, a prompt chunk crossing it, a cached prefix longer than it), with a logits soft cap,
-    and with both, each equal to the reference. Skipped for a backend whose ``forward`` takes
-    neither keyword: it cannot serve models with windows or capped logits."""
-    params = inspect.signature(cls.forward).parameters
-    if not ({"sliding_window", "logits_soft_cap"} <= params.keys()
-            or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())):
-        pytest.skip(f"{cls.__qualname__}.forward takes no sliding_window/logits_soft_cap keywords: "
-                    "models with sliding windows or soft-capped logits cannot use it")
+    and with both, each equal to the reference: the variants the backend declares
+    (``supports_sliding_window``, ``supports_logits_soft_cap``). A backend that declares neither
+    is never given a model that uses them, so there is nothing to check."""
+    variants = [(window, cap) for window, cap in ((6, None), (None, 1.5), (11, 1.5))
+                if (window is None or cls.supports_sliding_window) and (cap is None or cls.supports_logits_soft_cap)]
+    if not variants:
+        pytest.skip(f"{cls.__qualname__} declares neither supports_sliding_window nor supports_logits_soft_cap: "
+                    "models that use them do not run on it")
     device = _device_for(cls)
     head_size = 32 if cls.supported_head_sizes is None else min(cls.supported_head_sizes)
     block_size = 16 if cls.supported_block_sizes is None else min(cls.supported_block_sizes)
     dtype = torch.float32 if torch.float32 in cls.supported_dtypes else cls.supported_dtypes[0]
-    for window, soft_cap in ((6, None), (None, 1.5), (11, 1.5)):
+    for window, soft_cap in variants:
         _compare_two_steps(cls, device, dtype, 6, 2, head_size, block_size, sliding_window=window,
                            logits_soft_cap=soft_cap)
 

@@ -112,6 +112,8 @@ class _PlanSlot:
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
     supported_devices = ("cpu", "cuda")
+    supports_sliding_window = True
+    supports_logits_soft_cap = True
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -62,6 +62,8 @@ class TritonAttentionBackend(AttentionBackend):
     supported_dtypes = (torch.float16, torch.bfloat16, torch.float32)
     supported_head_sizes = (64, 96, 128, 256)
     supported_block_sizes = (16, 32, 64)
+    supports_sliding_window = True
+    supports_logits_soft_cap = True
     supports_cuda_graphs = True  # a decode launch neither syncs nor allocates once the workspace exists
 
     class Options(BaseModel):

@@ -127,9 +127,12 @@ class DecoderForCausalLM(Model):
     def kv_cache_spec(cls, hf_config: Any) -> KVCacheSpec:
         """The standard geometry; ``sliding_window`` when every layer has the same window, so the
         engine may free the blocks behind it."""
-        windows = {layer.sliding_window for layer in cls.decoder_spec(hf_config).layers}
-        window = windows.pop() if len(windows) == 1 else None
-        return dataclasses.replace(super().kv_cache_spec(hf_config), sliding_window=window)
+        layers = cls.decoder_spec(hf_config).layers
+        windows = {layer.sliding_window for layer in layers}
+        return dataclasses.replace(super().kv_cache_spec(hf_config),
+                                   sliding_window=next(iter(windows)) if len(windows) == 1 else None,
+                                   uses_sliding_window=windows != {None},
+                                   uses_logits_soft_cap=any(layer.logits_soft_cap is not None for layer in layers))
 
     def __init__(self, hf_config: Any, attention: AttentionBackend) -> None:
         super().__init__(hf_config, attention)
