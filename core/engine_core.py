@@ -7,11 +7,12 @@ from collections.abc import Callable
 import torch
 
 from .attention import select_attention_backend
-from .generation_config import load_generation_defaults
 from .components import ATTENTION_BACKEND, DRAFTER
 from .config import EngineConfig
 from .cuda_graphs import decode_graph_mode
 from .errors import ConfigError, TokenmillError
+from .generation_config import load_generation_defaults
+from .kv_cache import blocks_per_request
 from .loader import (load_hf_config, load_model, load_tokenizer, resolve_dtype, resolve_max_model_len,
                      resolve_model_class, resolve_model_source)
 from .memory import MemoryProfile, kv_cache_budget, profile_peak_activations, weights_bytes
@@ -53,6 +54,7 @@ class EngineCore:
                               f"({self.max_model_len}) when enable_chunked_prefill is False")
 
         spec = model_cls.kv_cache_spec(self.hf_config)
+        self._sliding_window = spec.sliding_window
         block_size = config.cache.block_size
         variants = dict(sliding_window=spec.uses_sliding_window, logits_soft_cap=spec.uses_logits_soft_cap)
         backend_name = config.attention_backend or select_attention_backend(
@@ -64,8 +66,8 @@ class EngineCore:
             raise ConfigError(f"block_size: attention backend '{backend_name}' {problem}")
         problem = backend_cls.unsupported_variant(**variants)
         if problem:
-            raise ConfigError(f"attention_backend: '{backend_name}' cannot run {type(self.hf_config).__name__}: "
-                              f"{problem}")
+            architecture = (getattr(self.hf_config, "architectures", None) or [type(self.hf_config).__name__])[0]
+            raise ConfigError(f"attention_backend: '{backend_name}' cannot run {architecture}: {problem}")
         attention = registry.create(ATTENTION_BACKEND, backend_name, config.attention_config,
                                     section="attention_config", num_heads=self.hf_config.num_attention_heads,
                                     num_kv_heads=spec.num_kv_heads, head_size=spec.head_size, dtype=self.dtype,
@@ -119,7 +121,8 @@ class EngineCore:
         profiled budget (core/memory.py), else 1 GiB on CPU."""
         cache = self.config.cache
         block_size = cache.block_size
-        needed = (self.max_model_len + block_size - 1) // block_size + 1  # + the reserved null block
+        needed = blocks_per_request(self.max_model_len, block_size, self._sliding_window,
+                                    self.config.scheduler.max_num_batched_tokens) + 1  # + the reserved null block
         if cache.num_gpu_blocks_override is not None:
             num_blocks = cache.num_gpu_blocks_override
         else:
@@ -132,7 +135,7 @@ class EngineCore:
             num_blocks = (budget or DEFAULT_CPU_KV_CACHE_BYTES) // bytes_per_block
         if num_blocks < needed:
             raise ConfigError(f"the KV cache has {num_blocks} blocks of {block_size} tokens; one request of "
-                              f"max_model_len={self.max_model_len} needs {needed}: raise the cache size "
+                              f"max_model_len={self.max_model_len} needs {needed} (the null block included): raise the cache size "
                               "(gpu_memory_utilization, kv_cache_memory_bytes or num_gpu_blocks_override) or lower "
                               "max_model_len")
         return num_blocks

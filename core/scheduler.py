@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Iterable
 
 from .config import CacheConfig, SchedulerConfig
-from .kv_cache import KVCacheBlock, KVCacheManager
+from .kv_cache import KVCacheBlock, KVCacheManager, blocks_per_request
 from .request import Request, RequestError, RequestStatus
 from .step import CachedRequestData, EngineCoreOutput, Logprobs, ModelRunnerOutput, NewRequestData, SchedulerOutput
 from .stop_checker import check_stop
@@ -53,7 +53,10 @@ class Scheduler:
         self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
         self.enable_chunked_prefill = scheduler_config.enable_chunked_prefill
         capacity = (num_blocks - 1) * cache_config.block_size  # block 0 is the null block
-        self.max_model_len = min(max_model_len, capacity + 1)
+        # with a window on every layer a request holds only the blocks its window and step reach
+        held = blocks_per_request(max_model_len, cache_config.block_size, sliding_window, self.max_num_batched_tokens)
+        self.max_model_len = max_model_len if sliding_window and held <= num_blocks - 1 else \
+            min(max_model_len, capacity + 1)
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens must be >= {self.max_model_len} (max_model_len, capped by "
                              "the KV cache) when enable_chunked_prefill is False, or a long prompt could never "

@@ -33,6 +33,18 @@ from .block_pool import BlockPool, KVCacheBlock
 from .hashing import update_block_hashes
 
 
+def blocks_per_request(max_model_len: int, block_size: int, sliding_window: int | None = None,
+                       max_step_tokens: int | None = None) -> int:
+    """The most blocks one request holds at once: its whole context, or with a sliding window
+    the blocks a step of up to ``max_step_tokens`` new tokens touches, from the first key its
+    first token reads (W - 1 before it) to its last token: at most (W + n - 2) // block_size + 2."""
+    whole = -(-max_model_len // block_size)
+    if sliding_window is None:
+        return whole
+    step = min(max_step_tokens or max_model_len, max_model_len)
+    return min(whole, (sliding_window + step - 2) // block_size + 2)
+
+
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool, max_model_len: int,
                  sliding_window: int | None = None) -> None:
