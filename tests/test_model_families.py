@@ -5,7 +5,7 @@ that sets it apart switched on and large enough to change greedy tokens (windows
 the prompts, soft caps that bend the scores, multipliers far from 1); then:
 
 - ``LLM.generate`` gives transformers' greedy ``generate`` tokens and logprobs (fp32, torch
-  backend; two families also on the Triton backend under the interpreter);
+  backend, and with heads of 64 on the Triton backend under the interpreter);
 - each feature, switched off in our model, makes its logits leave transformers': the parity
   tests would catch its loss;
 - every rope type matches transformers' own rotary embedding at positions past the original
@@ -143,23 +143,28 @@ def test_greedy_and_logprobs_match_transformers(family):
                                        max_num_batched_tokens=budget)
 
 
-TRITON_FAMILIES = {
-    "qwen3": lambda: transformers.Qwen3Config(**{**BASE, "num_attention_heads": 2, "num_key_value_heads": 1},
-                                              head_dim=64, architectures=["Qwen3ForCausalLM"]),
-    "gemma2": lambda: transformers.Gemma2Config(**{**BASE, "num_attention_heads": 2, "num_key_value_heads": 1},
-                                                head_dim=64, query_pre_attn_scalar=64, sliding_window=8,
-                                                attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
-                                                tie_word_embeddings=False, architectures=["Gemma2ForCausalLM"]),
-}
+def triton_variant(name):
+    """FAMILIES[name] with heads of 64 (a size the Triton kernel takes): 2 query heads, 1 KV head."""
+    config = FAMILIES[name]()
+    fields = {**config.to_dict(), "num_attention_heads": 2, "num_key_value_heads": 1}
+    if fields.get("head_dim") is not None:
+        fields["head_dim"] = 64
+    else:
+        fields["hidden_size"] = 128
+    if name == "phi3-longrope":  # one factor per rotated pair: half of 64 * partial_rotary_factor
+        fields["rope_scaling"] = fields["rope_parameters"] = {**_longrope(32), "rope_theta": 10000.0}
+    return type(config)(**fields)
 
 
-@pytest.mark.parametrize("name", list(TRITON_FAMILIES))
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_triton_backend_matches_transformers(tmp_path, name):
-    hf_model = make_hf_model(TRITON_FAMILIES[name]())
+    hf_model = make_hf_model(triton_variant(name))
+    assert hf_model.config.num_attention_heads * 64 == hf_model.model.layers[0].self_attn.o_proj.in_features
     hf_model.save_pretrained(tmp_path)
     save_word_tokenizer(tmp_path, VOCAB)
-    llm = assert_engine_matches_transformers(tmp_path, hf_model, random_prompts([20, 5]), 4,
-                                             attention_backend="triton", max_num_batched_tokens=64)
+    budget = 64 if name == "phi3-longrope" else 32
+    llm = assert_engine_matches_transformers(tmp_path, hf_model, random_prompts(PROMPT_LENGTHS), MAX_TOKENS,
+                                             attention_backend="triton", max_num_batched_tokens=budget)
     assert llm.engine.core.model.attention.name == "triton"
 
 
