@@ -44,6 +44,11 @@ class AttentionMetadata:
     ``block_tables[i]`` holds request i's block ids for its first
     ``ceil(seq_lens[i] / block_size)`` entries; the entries past them are
     unspecified (buffers are reused across steps): a backend never reads them.
+    With a sliding window on every layer, entries of blocks wholly behind the
+    window may name blocks since given to other requests (or the null block 0):
+    a backend reads no key outside a layer's window. The table is at least as
+    wide as the step's longest request needs, and may be a view of a wider one
+    (rows ``stride(0)`` apart; graph steps use the full ``max_blocks_per_req``).
     Tensors are on the model's device; the ``*_cpu`` copies spare host syncs.
     ``backend_state`` is what the backend's ``prepare`` made of this metadata.
     """
@@ -53,7 +58,7 @@ class AttentionMetadata:
     max_seq_len: int
     query_start_loc: torch.Tensor  # int32 [num_reqs + 1]
     seq_lens: torch.Tensor  # int32 [num_reqs]
-    block_tables: torch.Tensor  # int32 [num_reqs, max_blocks_per_req]
+    block_tables: torch.Tensor  # int32 [num_reqs, >= the longest request's blocks]
     slot_mapping: torch.Tensor  # int64 [num_tokens]
     query_start_loc_cpu: torch.Tensor  # int32 [num_reqs + 1]
     seq_lens_cpu: torch.Tensor  # int32 [num_reqs]
