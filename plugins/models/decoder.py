@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tokenmill import AttentionBackend, AttentionMetadata, Model
+from tokenmill.layers import Embedding, Linear
 from tokenmill.model_base import KVCacheSpec
+from tokenmill.quantization import QuantizedWeight
 
 from .layers import Attention, AttentionSpec, BlockParts, GatedMLP
 from .rope import ROPE_TYPES, RotaryEmbedding
@@ -148,7 +149,7 @@ class DecoderForCausalLM(Model):
             raise ValueError(f"{type(self).__name__}.decoder_spec gave {len(spec.layers)} layers, the config "
                              f"has num_hidden_layers={config.num_hidden_layers}")
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         # a buffer in the model dtype: transformers rounds Gemma's sqrt(hidden) to it too
         self.register_buffer("embed_scale", None if spec.embed_scale == 1.0 else torch.tensor(spec.embed_scale),
                              persistent=False)
@@ -156,7 +157,7 @@ class DecoderForCausalLM(Model):
                                                                      spec.parts.norm))
                                     for layer in spec.layers)
         self.norm = spec.parts.norm(config.hidden_size)
-        self.lm_head = None if self.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+        self.lm_head = None if self.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
                                                                        bias=False)
         self.rotary = nn.ModuleDict({key: RotaryEmbedding(params, cache.head_size, config.max_position_embeddings)
                                      for key, params in spec.rope.items()})
@@ -184,8 +185,8 @@ class DecoderForCausalLM(Model):
         return self.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, weight).float()  # [n, vocab]
+        head = self.embed_tokens.as_linear if self.lm_head is None else self.lm_head
+        logits = head(hidden).float()  # [n, vocab]
         if self.logits_divisor != 1.0:
             logits = logits / self.logits_divisor
         if self.final_logit_soft_cap is not None:
@@ -213,10 +214,19 @@ class DecoderForCausalLM(Model):
             if shard is not None:
                 sizes = self._shard_sizes[fused]
                 target = target.narrow(0, sum(sizes[:shard]), sizes[shard])
-            if target.shape != tensor.shape:
-                raise ValueError(f"weight '{hf_name}' has shape {tuple(tensor.shape)}, expected "
-                                 f"{tuple(target.shape)}")
-            with torch.no_grad():
-                target.copy_(tensor)
+            quantized = isinstance(tensor, QuantizedWeight)
+            shape = (tensor.out_features, tensor.in_features) if quantized else tuple(tensor.shape)
+            if shape != tuple(target.shape):
+                raise ValueError(f"weight '{hf_name}' has shape {shape}, expected {tuple(target.shape)}")
+            owner = self.get_submodule(name.rpartition(".")[0])
+            if name.endswith(".weight") and isinstance(owner, Linear):
+                owner.load(tensor, shard)  # a quantized tensor stays quantized
+            elif name.endswith(".weight") and isinstance(owner, Embedding):
+                owner.load(tensor)
+            elif quantized:
+                raise ValueError(f"weight '{hf_name}' is quantized, but '{name}' is not a Linear or Embedding weight")
+            else:
+                with torch.no_grad():
+                    target.copy_(tensor)
             loaded.add(name)
         return loaded

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill import AttentionBackend, AttentionMetadata
+from tokenmill.layers import Linear
 
 from .rope import apply_rope
 
@@ -67,8 +68,9 @@ class GatedMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool = False) -> None:
         super().__init__()
         self.act = activation(act)
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=bias,
+                                   shard_sizes=(intermediate_size, intermediate_size))
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # gate, up: [T, intermediate]
@@ -81,8 +83,8 @@ class PlainMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool = True) -> None:
         super().__init__()
         self.act = activation(act)
-        self.c_fc = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.c_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.c_fc = Linear(hidden_size, intermediate_size, bias=bias)
+        self.c_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.act(self.c_fc(x)))
@@ -126,8 +128,9 @@ class Attention(nn.Module):
         self.backend_options = {name: value for name, value in (("sliding_window", spec.sliding_window),
                                                                  ("logits_soft_cap", spec.logits_soft_cap))
                                 if value is not None}
-        self.qkv_proj = nn.Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, hidden_size, bias=spec.o_bias)
+        self.qkv_proj = Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias,
+                               shard_sizes=(self.q_size, self.kv_size, self.kv_size))
+        self.o_proj = Linear(self.q_size, hidden_size, bias=spec.o_bias)
         if spec.qk_norm is QKNorm.PER_HEAD:
             self.q_norm, self.k_norm = norm(self.head_dim), norm(self.head_dim)
         elif spec.qk_norm is QKNorm.FULL_WIDTH:
