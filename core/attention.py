@@ -22,11 +22,21 @@ has a sliding window (``forward``'s ``sliding_window``):
     sliding_window 4, query at position 9: keys 6 7 8 9 (p - W < j <= p)
     key position:  0 1 2 3 4 5 6 7 8 9
     visible:       . . . . . . x x x x
+
+The cache's dtype is the model's, or fp8 (``kv_cache_dtype``, vLLM's values) for
+a backend that lists it in ``supported_kv_cache_dtypes``. An fp8 cache stores
+``clamp(x / scale, -max, max)`` of each key and value and reads back
+``stored * scale``, with one scale per layer, KV head and keys or values, fixed
+before the first step (``set_kv_cache_scales``; the engine calibrates them,
+see ``tokenmill.kv_scales``). Fixed, because an entry is read by every later
+step and, through the prefix cache, by other requests: its meaning cannot change
+after it is written. One instance serves every layer, so ``forward`` finds the
+layer's scales from its cache tensor (``kv_cache_scales``).
 """
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -69,6 +79,19 @@ class AttentionMetadata:
         return self.seq_lens_cpu.shape[0]
 
 
+# kv_cache_dtype (vLLM's values) -> the cache tensors' dtype; None: the model's
+KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def kv_cache_torch_dtype(kv_cache_dtype: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a cache for ``kv_cache_dtype`` in a model running in ``dtype``."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+    return KV_CACHE_DTYPES[kv_cache_dtype] or dtype
+
+
 class AttentionBackend(Component):
     """A paged attention implementation.
 
@@ -90,12 +113,16 @@ class AttentionBackend(Component):
     # model whose layers use either runs only on a backend that declares it
     supports_sliding_window: ClassVar[bool] = False
     supports_logits_soft_cap: ClassVar[bool] = False
+    # the ``kv_cache_dtype`` values ``forward`` accepts (see the module docstring for fp8)
+    supported_kv_cache_dtypes: ClassVar[tuple[str, ...]] = ("auto",)
 
     def __init__(self, options: Any = None, *, num_heads: int, num_kv_heads: int, head_size: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
-        """``options``: the backend's own (``attention_config``), validated by its ``Options``."""
+                 dtype: torch.dtype, device: torch.device | str, kv_cache_dtype: str = "auto") -> None:
+        """``options``: the backend's own (``attention_config``), validated by its ``Options``.
+        ``kv_cache_dtype``: the engine's option; ``self.cache_dtype`` is the dtype it means."""
         super().__init__(options)
-        problem = self.unsupported_reason(head_size=head_size, dtype=dtype, device=device)
+        problem = (self.unsupported_reason(head_size=head_size, dtype=dtype, device=device)
+                   or self.unsupported_kv_cache_dtype(kv_cache_dtype, device=device))
         if problem:
             raise ValueError(f"attention backend '{self.name}': {problem}")
         if num_heads % num_kv_heads:
@@ -105,6 +132,11 @@ class AttentionBackend(Component):
         self.head_size = head_size
         self.dtype = dtype
         self.device = torch.device(device)
+        self.kv_cache_dtype = kv_cache_dtype
+        self.cache_dtype = kv_cache_torch_dtype(kv_cache_dtype, dtype)
+        # cache storage address -> its layer's fp8 scales [2, num_kv_heads]; unbound caches use 1.0 (vLLM's default)
+        self._kv_scales: dict[int, torch.Tensor] = {}
+        self._unit_kv_scales = torch.ones(2, num_kv_heads, device=self.device)
 
     @classmethod
     def unsupported_reason(cls, *, head_size: int | None = None, dtype: torch.dtype | None = None,
@@ -121,6 +153,14 @@ class AttentionBackend(Component):
         if block_size is not None and cls.supported_block_sizes is not None \
                 and block_size not in cls.supported_block_sizes:
             return f"block_size must be one of {list(cls.supported_block_sizes)}, got {block_size}"
+        return None
+
+    @classmethod
+    def unsupported_kv_cache_dtype(cls, kv_cache_dtype: str, *,
+                                   device: torch.device | str | None = None) -> str | None:
+        """Why this backend cannot keep its cache in ``kv_cache_dtype`` (on ``device``), or None."""
+        if kv_cache_dtype not in cls.supported_kv_cache_dtypes:
+            return f"kv_cache_dtype must be one of {list(cls.supported_kv_cache_dtypes)}, got {kv_cache_dtype!r}"
         return None
 
     @classmethod
@@ -152,7 +192,31 @@ class AttentionBackend(Component):
             "head_sizes": "any" if cls.supported_head_sizes is None else list(cls.supported_head_sizes),
             "block_sizes": "any" if cls.supported_block_sizes is None else list(cls.supported_block_sizes),
             "sliding_window": cls.supports_sliding_window, "logits_soft_cap": cls.supports_logits_soft_cap,
+            "kv_cache_dtypes": list(cls.supported_kv_cache_dtypes),
         }
+
+    def set_kv_cache_scales(self, kv_caches: Sequence[torch.Tensor], scales: torch.Tensor) -> None:
+        """Fix each layer's fp8 scales: ``scales[i]`` (fp32 [2, num_kv_heads]: keys, values) for
+        the cache ``kv_caches[i]``. Replaces any earlier binding. Call it before the first step
+        (and before CUDA graphs are captured: they read the scales where they are now)."""
+        if scales.shape != (len(kv_caches), 2, self.num_kv_heads) or not bool((scales > 0).all()) \
+                or not bool(scales.isfinite().all()):
+            raise ValueError(f"scales must be finite and > 0, [{len(kv_caches)}, 2, {self.num_kv_heads}] "
+                             f"(layers, keys/values, KV heads), got {tuple(scales.shape)}")
+        scales = scales.to(self.device, torch.float32)
+        self._kv_scales = {cache.untyped_storage().data_ptr(): s for cache, s in zip(kv_caches, scales)}
+
+    def kv_cache_scales(self, kv_cache: torch.Tensor) -> torch.Tensor:
+        """The fp8 scales bound to the layer whose cache is ``kv_cache`` (fp32 [2, num_kv_heads]:
+        keys, values), or ones for a cache bound to none."""
+        return self._kv_scales.get(kv_cache.untyped_storage().data_ptr(), self._unit_kv_scales)
+
+    def kv_cache_amax(self, kv_cache: torch.Tensor) -> torch.Tensor:
+        """Per KV head, the largest |key| and |value| in ``kv_cache`` (fp32 [2, num_kv_heads]):
+        what calibration reads from a scratch cache in the model's dtype. This default reads the
+        ``[2, ..., num_kv_heads, head_size]`` layout of the built-in backends; override it for another."""
+        other_dims = tuple(d for d in range(1, kv_cache.dim()) if d != kv_cache.dim() - 2)
+        return kv_cache.abs().amax(dim=other_dims).float()
 
     @staticmethod
     @abstractmethod
@@ -187,26 +251,32 @@ class AttentionBackend(Component):
 
 def select_attention_backend(backends: Mapping[str, type[AttentionBackend]], *, device: torch.device,
                              dtype: torch.dtype, head_size: int, block_size: int, sliding_window: bool = False,
-                             logits_soft_cap: bool = False) -> str:
+                             logits_soft_cap: bool = False, kv_cache_dtype: str = "auto") -> str:
     """The name of the supported backend with the highest ``priority(device)``; an error
     saying why each backend was passed over when none supports this model and cache.
     ``sliding_window`` / ``logits_soft_cap``: whether the model's layers use them."""
     ranked, reasons = [], []
     for name, cls in sorted(backends.items()):
         problem = unsupported(cls, head_size=head_size, dtype=dtype, device=device, block_size=block_size,
-                              sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+                              sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+                              kv_cache_dtype=kv_cache_dtype)
         if problem:
             reasons.append(f"'{name}': {problem}")
         else:
             ranked.append((cls.priority(device), name))
     if not ranked:
-        raise ConfigError(f"attention_backend: no registered backend serves head_size={head_size}, {dtype}, "
-                          f"block_size={block_size} on {device.type}: {'; '.join(reasons) or 'none is registered'}")
+        option = "attention_backend" if kv_cache_dtype == "auto" else "attention_backend, kv_cache_dtype"
+        cache = "" if kv_cache_dtype == "auto" else f", kv_cache_dtype={kv_cache_dtype}"
+        raise ConfigError(f"{option}: no registered backend serves head_size={head_size}, {dtype}, "
+                          f"block_size={block_size}{cache} on {device.type}: "
+                          f"{'; '.join(reasons) or 'none is registered'}")
     return max(ranked)[1]
 
 
 def unsupported(cls: type[AttentionBackend], *, head_size: int, dtype: torch.dtype, device: torch.device,
-                block_size: int, sliding_window: bool = False, logits_soft_cap: bool = False) -> str | None:
-    """Why ``cls`` cannot serve this model and cache (its shapes, then its attention variants)."""
+                block_size: int, sliding_window: bool = False, logits_soft_cap: bool = False,
+                kv_cache_dtype: str = "auto") -> str | None:
+    """Why ``cls`` cannot serve this model and cache (its shapes, its cache dtype, then its attention variants)."""
     return (cls.unsupported_reason(head_size=head_size, dtype=dtype, device=device, block_size=block_size)
+            or cls.unsupported_kv_cache_dtype(kv_cache_dtype, device=device)
             or cls.unsupported_variant(sliding_window=sliding_window, logits_soft_cap=logits_soft_cap))

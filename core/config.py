@@ -50,6 +50,10 @@ class ModelConfig(_Section):
     # vLLM's values: "auto" (the model's generation_config.json: its EOS ids and sampling
     # defaults), "vllm" (ignore it) or a folder holding one
     generation_config: str = "auto"
+    # vLLM's option: None (the weights as the checkpoint has them: a .gguf file's stay in their
+    # block formats), "gguf" (the same, stated), "fp8" (a bf16/fp16/fp32 checkpoint quantized at
+    # load to e4m3 with a scale per output channel), "none" (a GGUF file expanded to the dtype)
+    quantization: Literal["gguf", "fp8", "none"] | None = None
 
     @field_validator("cudagraph_capture_sizes")
     @classmethod
@@ -76,6 +80,9 @@ class CacheConfig(_Section):
     num_gpu_blocks_override: int | None = Field(default=None, ge=1)
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     kv_cache_memory_bytes: int | None = Field(default=None, ge=1)
+    # vLLM's values: "auto" (the model's dtype) or fp8 ("fp8" is "fp8_e4m3"), with per-(layer, KV head)
+    # scales calibrated at start-up (see tokenmill.kv_scales)
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
 
     @field_validator("block_size")
     @classmethod

@@ -6,15 +6,16 @@ from collections.abc import Callable
 
 import torch
 
-from .attention import select_attention_backend
+from .attention import FP8_DTYPES, select_attention_backend
 from .components import ATTENTION_BACKEND, DRAFTER
 from .config import EngineConfig
 from .cuda_graphs import decode_graph_mode
 from .errors import ConfigError, TokenmillError
 from .generation_config import load_generation_defaults
 from .kv_cache import blocks_per_request
+from .kv_scales import CALIBRATION_TOKENS, calibrate_kv_cache_scales
 from .loader import (load_hf_config, load_model, load_tokenizer, resolve_dtype, resolve_max_model_len,
-                     resolve_model_class, resolve_model_source)
+                     resolve_model_class, resolve_model_source, resolve_quantization)
 from .memory import MemoryProfile, kv_cache_budget, profile_peak_activations, weights_bytes
 from .model_runner import ModelRunner
 from .registry import Registry, get_registry
@@ -56,14 +57,18 @@ class EngineCore:
         spec = model_cls.kv_cache_spec(self.hf_config)
         self._sliding_window = spec.sliding_window
         block_size = config.cache.block_size
+        kv_cache_dtype = config.cache.kv_cache_dtype
         variants = dict(sliding_window=spec.uses_sliding_window, logits_soft_cap=spec.uses_logits_soft_cap)
         backend_name = config.attention_backend or select_attention_backend(
             registry.available(ATTENTION_BACKEND), device=self.device, dtype=self.dtype, head_size=spec.head_size,
-            block_size=block_size, **variants)
+            block_size=block_size, kv_cache_dtype=kv_cache_dtype, **variants)
         backend_cls = registry.get(ATTENTION_BACKEND, backend_name)
         problem = backend_cls.unsupported_reason(block_size=block_size)
         if problem:
             raise ConfigError(f"block_size: attention backend '{backend_name}' {problem}")
+        problem = backend_cls.unsupported_kv_cache_dtype(kv_cache_dtype, device=self.device)
+        if problem:
+            raise ConfigError(f"kv_cache_dtype: attention backend '{backend_name}': {problem}")
         problem = backend_cls.unsupported_variant(**variants)
         if problem:
             architecture = (getattr(self.hf_config, "architectures", None) or [type(self.hf_config).__name__])[0]
@@ -71,18 +76,28 @@ class EngineCore:
         attention = registry.create(ATTENTION_BACKEND, backend_name, config.attention_config,
                                     section="attention_config", num_heads=self.hf_config.num_attention_heads,
                                     num_kv_heads=spec.num_kv_heads, head_size=spec.head_size, dtype=self.dtype,
-                                    device=self.device)
+                                    device=self.device, kv_cache_dtype=kv_cache_dtype)
+        self.quantization = resolve_quantization(config.model.quantization, source)
         self.model = load_model(self.hf_config, model_cls, attention, source=source, dtype=self.dtype,
-                                device=self.device, seed=config.seed)
+                                device=self.device, seed=config.seed, quantization=self.quantization)
+        cache_dtype = attention.cache_dtype
+        kv_cache_scales = None
+        if cache_dtype in FP8_DTYPES:  # fixed per (layer, KV head) before any step writes the cache: kv_scales
+            kv_cache_scales = calibrate_kv_cache_scales(
+                self.model, attention, num_layers=spec.num_layers, block_size=block_size,
+                vocab_size=self.hf_config.vocab_size, bos_token_id=self.tokenizer.bos_token_id, seed=config.seed,
+                num_tokens=min(CALIBRATION_TOKENS, sched.max_num_batched_tokens, self.max_model_len))
         shape = backend_cls.kv_cache_shape(1, block_size, spec.num_kv_heads, spec.head_size)
-        bytes_per_block = spec.num_layers * torch.Size(shape).numel() * self.dtype.itemsize
+        bytes_per_block = spec.num_layers * torch.Size(shape).numel() * cache_dtype.itemsize
         self.num_blocks = self._num_blocks(bytes_per_block, lambda: profile_peak_activations(
-            self.model, backend_cls, num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads,
-            head_size=spec.head_size, block_size=block_size, dtype=self.dtype, device=self.device,
+            self.model, attention, num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads,
+            head_size=spec.head_size, block_size=block_size, cache_dtype=cache_dtype, device=self.device,
             num_tokens=min(sched.max_num_batched_tokens, self.max_model_len), num_seqs=sched.max_num_seqs))
         self.kv_caches = [torch.zeros(backend_cls.kv_cache_shape(self.num_blocks, block_size, spec.num_kv_heads,
-                                                                 spec.head_size), dtype=self.dtype, device=self.device)
+                                                                 spec.head_size), dtype=cache_dtype, device=self.device)
                           for _ in range(spec.num_layers)]
+        if kv_cache_scales is not None:
+            attention.set_kv_cache_scales(self.kv_caches, kv_cache_scales)
         self.model.bind_kv_caches(self.kv_caches)
         self.eos_token_id = self.tokenizer.eos_token_id
         self.generation_defaults = load_generation_defaults(config.model.generation_config, source.path)

@@ -92,6 +92,7 @@ def feature_matrix(registry: ComponentSource) -> dict[str, Any]:
     features = [
         _listing("attention_backends", sorted(available[ATTENTION_BACKEND]), "no attention backend registered"),
         _attention_choice(available[ATTENTION_BACKEND]),
+        _kv_cache_dtypes(available[ATTENTION_BACKEND]),
         _listing("model_architectures", sorted(available[MODEL]), "no model class registered"),
         {"feature": "unsupported_model_kinds", "status": "refused" if refused_models else "none",
          "detail": "; ".join(f"{', '.join(names)}: {reason}" for reason, names in reasons.items())},
@@ -126,6 +127,25 @@ def _attention_choice(backends: dict[str, type]) -> dict[str, str]:
     return {"feature": "attention_backend_selection", "status": "supported" if backends else "unavailable",
             "detail": " | ".join(parts) + " (the first that supports the model's head size, dtype and block size "
                                          "is used; attention_backend=NAME overrides)"}
+
+
+def _kv_cache_dtypes(backends: dict[str, type]) -> dict[str, str]:
+    """The ``kv_cache_dtype`` values each backend accepts on each device it serves here (a CUDA
+    device's own limits count only where one is present), and any limits it states."""
+    parts, fp8 = [], False
+    for name, cls in sorted(backends.items()):
+        per_device = []
+        for device in ("cpu", "cuda"):
+            if cls.unsupported_reason(device=device) is None:
+                dtypes = [d for d in cls.supported_kv_cache_dtypes
+                          if cls.unsupported_kv_cache_dtype(d, device=torch.device(device)) is None]
+                fp8 = fp8 or any(d != "auto" for d in dtypes)
+                per_device.append(f"{device}: {', '.join(dtypes)}")
+        limits = cls.capabilities().get("kv_cache_dtype_limits")
+        parts.append(f"{name} ({'; '.join(per_device) or 'no device here'})" + (f" [{limits}]" if limits else ""))
+    detail = (" | ".join(parts) + " (fp8: per-(layer, KV head) scales calibrated at start-up)") if parts \
+        else "no attention backend registered"
+    return {"feature": "kv_cache_dtypes", "status": "supported" if fp8 else "unavailable", "detail": detail}
 
 
 def attention_choice_for_model(backends: dict[str, type], *, model: str, device: torch.device, dtype: torch.dtype,

@@ -24,6 +24,7 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .model_base import GGUFNames
+from .quantization.gguf import GGUFWeight, is_quantized
 
 # llama.cpp architecture -> transformers model_type, for the files whose config is built here:
 # transformers reads none of their metadata (gemma, granite, olmo2) or leaves out what the model
@@ -66,10 +67,11 @@ def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return weight.reshape(num_heads, half, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def iter_gguf_weights(path: Path, names: Mapping[str, GGUFNames],
-                      model: str = "the model class") -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint name, float32 tensor) for every tensor in the file, one at a time;
-    ``names``: the model class's ``gguf_names``."""
+def iter_gguf_weights(path: Path, names: Mapping[str, GGUFNames], model: str = "the model class",
+                      keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor | GGUFWeight]]:
+    """(checkpoint name, tensor) for every tensor in the file, one at a time; ``names``: the model
+    class's ``gguf_names``. Tensors are float32, or with ``keep_quantized`` a 2-D tensor in a GGUF
+    block format is a ``GGUFWeight`` holding the file's bytes (its rows permuted like a float one)."""
     reader = gguf.GGUFReader(path)
     arch = str(reader.fields["general.architecture"].contents())
     if arch not in names:
@@ -88,11 +90,18 @@ def iter_gguf_weights(path: Path, names: Mapping[str, GGUFNames],
                              "safetensors checkpoint for this model")
         name = arch_names.checkpoint_name(tensor.name)
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        # np.array copies: the reader's arrays are read-only views of a memory map
+        block_tensor = tensor.name.split(".")[2] if tensor.name.startswith("blk.") else None
+        unpermute = arch_names.permuted_qk and block_tensor in head_counts
+        if keep_quantized and len(shape) == 2 and is_quantized(int(tensor.tensor_type)):
+            # np.array copies: the reader's arrays are read-only views of a memory map
+            weight = GGUFWeight(int(tensor.tensor_type), torch.from_numpy(np.array(tensor.data)), shape[1])
+            if unpermute:
+                weight = weight.take_rows(unpermute_qk(torch.arange(shape[0]), head_counts[block_tensor]))
+            yield name, weight
+            continue
         data = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
         weight = torch.from_numpy(data)
-        block_tensor = tensor.name.split(".")[2] if tensor.name.startswith("blk.") else None
-        if arch_names.permuted_qk and block_tensor in head_counts:
+        if unpermute:
             weight = unpermute_qk(weight, head_counts[block_tensor])
         if arch_names.norm_shift and tensor.name.endswith("norm.weight"):
             weight -= arch_names.norm_shift

@@ -48,17 +48,21 @@ class Linear(nn.Linear):
     """``nn.Linear`` that can hold its weight quantized (see the module docstring).
 
     ``shard_sizes``: the output rows of each checkpoint tensor packed into this layer, in order
-    (None: one tensor). ``quantized``: the shards' weights once quantized, else None.
+    (None: one tensor). ``logits``: the layer computes logits, so a quantized weight multiplies in
+    float32 (``matmul_fp32``) even where a faster, rounder kernel exists: near ties decide greedy
+    tokens. ``quantized``: the shards' weights once quantized, else None.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 shard_sizes: Sequence[int] | None = None) -> None:
+                 shard_sizes: Sequence[int] | None = None, logits: bool = False) -> None:
         super().__init__(in_features, out_features, bias=bias)
+        self.logits = logits
         self.shard_sizes = tuple(shard_sizes or (out_features,))
         if sum(self.shard_sizes) != out_features:
             raise ValueError(f"shard_sizes {list(self.shard_sizes)} must add up to out_features={out_features}")
         self.quantized: list[QuantizedWeight] | None = None
         self._pending: list[QuantizedWeight | None] = [None] * len(self.shard_sizes)
+        self._device = self.weight.device  # where the quantized weight goes once loaded
 
     def load(self, tensor: torch.Tensor | QuantizedWeight, shard: int | None = None) -> None:
         """Load one checkpoint tensor: the whole weight, or shard ``shard`` of a fused layer."""
@@ -91,7 +95,7 @@ class Linear(nn.Linear):
                 if shards[i] is None:
                     shards[i] = DenseWeight(self.weight.detach()[start: start + size].clone())
                 start += size
-        self.quantized = _merge(shards)
+        self.quantized = [w.to(self._device) for w in _merge(shards)]
         self.weight = None  # the full-precision weight is gone: only the quantized one is kept
         self._pending = [None] * len(self.shard_sizes)
 
@@ -99,7 +103,7 @@ class Linear(nn.Linear):
         if self.quantized is None:
             return super().forward(x)
         flat = x.reshape(-1, x.shape[-1])
-        outs = [w.matmul(flat) for w in self.quantized]
+        outs = [_matmul(w, flat, self.logits) for w in self.quantized]
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -124,7 +128,7 @@ class Embedding(nn.Embedding):
             if (tensor.out_features, tensor.in_features) != (self.num_embeddings, self.embedding_dim):
                 raise ValueError(f"embedding table has shape {(tensor.out_features, tensor.in_features)}, expected "
                                  f"{(self.num_embeddings, self.embedding_dim)}")
-            self.quantized = tensor
+            self.quantized = tensor.to(self.weight.device)
             self.weight = None
             return
         with torch.no_grad():
@@ -140,7 +144,13 @@ class Embedding(nn.Embedding):
         """``hidden @ table.T``: the logits of an output head tied to this table."""
         if self.quantized is None:
             return F.linear(hidden, self.weight)
-        return self.quantized.matmul(hidden.to(self.compute_dtype))
+        return _matmul(self.quantized, hidden.to(self.compute_dtype), logits=True)
+
+
+def _matmul(weight: QuantizedWeight, x: torch.Tensor, logits: bool) -> torch.Tensor:
+    """``x @ W.T``; for logits in float32 when the weight offers it (``matmul_fp32``)."""
+    exact = getattr(weight, "matmul_fp32", None) if logits else None
+    return exact(x) if exact is not None else weight.matmul(x)
 
 
 def _merge(shards: list[QuantizedWeight]) -> list[QuantizedWeight]:

@@ -142,13 +142,15 @@ def load_tokenizer(source: ModelSource, tokenizer: str | None = None) -> PreTrai
 
 # ---------------------------------------------------------------- weights
 
-def iter_weights(source: ModelSource, model_cls: type[Model] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(source: ModelSource, model_cls: type[Model] | None = None,
+                 keep_quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """(checkpoint parameter name, tensor) pairs, read lazily one tensor at a time; a GGUF
-    file's names come from ``model_cls.gguf_names``."""
+    file's names come from ``model_cls.gguf_names``, and with ``keep_quantized`` its block-format
+    tensors come as ``GGUFWeight``."""
     if source.format == "gguf":
         if model_cls is None:
             raise ValueError("reading GGUF tensors needs the model class: its gguf_names map the names")
-        yield from iter_gguf_weights(source.gguf_path, model_cls.gguf_names, model_cls.__qualname__)
+        yield from iter_gguf_weights(source.gguf_path, model_cls.gguf_names, model_cls.__qualname__, keep_quantized)
     elif source.format == "safetensors":
         for shard in _safetensors_shards(source.path):
             with safe_open(str(shard), framework="pt", device="cpu") as f:
@@ -166,12 +168,32 @@ def _safetensors_shards(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
+def resolve_quantization(option: str | None, source: ModelSource) -> str | None:
+    """What ``quantization`` means for this checkpoint: "gguf" (block formats kept), "fp8", or None
+    (weights in the model dtype)."""
+    is_gguf = source.gguf_file is not None
+    if option == "none":
+        return None
+    if option is None:
+        return "gguf" if source.format == "gguf" else None
+    if option == "gguf" and not is_gguf:
+        raise ConfigError("quantization: 'gguf' keeps a .gguf file's block formats, and this checkpoint is not a "
+                          ".gguf file; leave quantization unset, or use 'fp8'")
+    if option == "fp8" and is_gguf:
+        raise ConfigError("quantization: 'fp8' quantizes a bf16/fp16/fp32 checkpoint at load; a .gguf file is "
+                          "already quantized: leave quantization unset (its block formats are kept) or use 'none'")
+    return option if source.format != "dummy" or option == "fp8" else None
+
+
 def load_model(hf_config: PretrainedConfig, model_cls: type[Model], attention: AttentionBackend, *,
-               source: ModelSource, dtype: torch.dtype, device: torch.device | str, seed: int = 0) -> Model:
+               source: ModelSource, dtype: torch.dtype, device: torch.device | str, seed: int = 0,
+               quantization: str | None = None) -> Model:
     """Build ``model_cls(hf_config, attention)`` on ``device`` in ``dtype`` and fill its weights.
 
     Checkpoint formats must provide every parameter (a tied ``lm_head`` may be
     absent); "dummy" draws them from N(0, 0.02) seeded by ``seed``, norm weights 1.
+    ``quantization`` (from ``resolve_quantization``): "gguf" keeps the file's block formats in
+    the model's ``tokenmill.layers`` Linear and Embedding layers.
     """
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -183,7 +205,7 @@ def load_model(hf_config: PretrainedConfig, model_cls: type[Model], attention: A
     if source.format == "dummy":
         _fill_dummy_weights(model, seed)
     else:
-        loaded = model.load_weights(iter_weights(source, type(model)))
+        loaded = model.load_weights(iter_weights(source, type(model), keep_quantized=quantization == "gguf"))
         _check_all_loaded(model, loaded, hf_config, source)
     return model.eval()
 

@@ -53,20 +53,16 @@ def weights_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
-@torch.inference_mode()
-def profile_peak_activations(model, backend_cls, *, num_layers: int, num_kv_heads: int, head_size: int,
-                             block_size: int, dtype: torch.dtype, device: torch.device, num_tokens: int,
-                             num_seqs: int) -> int:
-    """Peak bytes allocated above the current level by the largest step: one prompt chunk
-    of ``num_tokens`` through the model (on a scratch KV cache just big enough), then the
-    sampler with top-k, top-p and logprobs on ``num_seqs`` rows. CUDA only.
-
-    The model is left bound to the scratch cache: bind the real one afterwards."""
-    if device.type != "cuda":
-        raise ValueError("profile_peak_activations measures CUDA memory; the device is " + str(device))
+def bind_scratch_prompt(model, backend, *, num_layers: int, num_kv_heads: int, head_size: int, block_size: int,
+                        cache_dtype: torch.dtype, device: torch.device,
+                        num_tokens: int) -> tuple[list[torch.Tensor], torch.Tensor, AttentionMetadata]:
+    """Bind ``model`` to a zeroed scratch KV cache (of ``cache_dtype``) just big enough for one
+    prompt of ``num_tokens`` tokens, and lay that prompt's step out: (the caches, its positions,
+    its metadata, prepared by ``backend``). The start-up passes run one such step; bind the real
+    cache afterwards."""
     num_blocks = -(-num_tokens // block_size) + 1  # + the null block
-    scratch = [torch.zeros(backend_cls.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size),
-                           dtype=dtype, device=device) for _ in range(num_layers)]
+    scratch = [torch.zeros(backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size),
+                           dtype=cache_dtype, device=device) for _ in range(num_layers)]
     model.bind_kv_caches(scratch)
     positions = torch.arange(num_tokens, device=device)
     query_start_loc = torch.tensor([0, num_tokens], dtype=torch.int32)
@@ -76,6 +72,24 @@ def profile_peak_activations(model, backend_cls, *, num_layers: int, num_kv_head
         query_start_loc=query_start_loc.to(device), seq_lens=seq_lens.to(device),
         block_tables=torch.arange(1, num_blocks, dtype=torch.int32, device=device).unsqueeze(0),
         slot_mapping=positions + block_size, query_start_loc_cpu=query_start_loc, seq_lens_cpu=seq_lens)
+    metadata.backend_state = backend.prepare(metadata)
+    return scratch, positions, metadata
+
+
+@torch.inference_mode()
+def profile_peak_activations(model, backend, *, num_layers: int, num_kv_heads: int, head_size: int,
+                             block_size: int, cache_dtype: torch.dtype, device: torch.device, num_tokens: int,
+                             num_seqs: int) -> int:
+    """Peak bytes allocated above the current level by the largest step: one prompt chunk
+    of ``num_tokens`` through the model (on a scratch KV cache of ``cache_dtype`` just big
+    enough), then the sampler with top-k, top-p and logprobs on ``num_seqs`` rows. CUDA only.
+
+    The model is left bound to the scratch cache: bind the real one afterwards."""
+    if device.type != "cuda":
+        raise ValueError("profile_peak_activations measures CUDA memory; the device is " + str(device))
+    scratch, positions, metadata = bind_scratch_prompt(
+        model, backend, num_layers=num_layers, num_kv_heads=num_kv_heads, head_size=head_size,
+        block_size=block_size, cache_dtype=cache_dtype, device=device, num_tokens=num_tokens)
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)

@@ -5,11 +5,16 @@ cached ones; new token j (position ``context_len + j``) sees every key at a
 position <= its own: the whole cached prefix, causally among the new tokens.
 Keys and values are read through the block table (layout in ``kv_write``).
 
-Two variants, each a constexpr flag (a launch without them compiles to the
+Three variants, each a constexpr flag (a launch without them compiles to the
 plain kernel). ``SLIDING_WINDOW``: position p also sees no key at or before
 ``p - window``; a program starts its key loop at the tile holding the first
 key its q-tile's first query sees, and loads no key before that one.
 ``SOFT_CAP``: each score s (scaled) becomes ``c * tanh(s / c)`` before the mask.
+``FP8_KV``: the cache holds fp8 ``x / scale``, one scale per KV head for keys and
+one for values (``kv_write``). K/V tiles are widened to q's dtype for the dots
+(exactly: every fp8 value is a 16-bit one) and the scales applied outside them,
+as the program's KV head is fixed: the key's joins the score scale, the value's
+multiplies the accumulated output.
 
     window 4, TILE_N 4: the q-tile of the queries at 8 and 9 sees keys 5..9
     key:      0 1 2 3 | 4 5 6 7 | 8 9
@@ -46,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .kv_write import FP8_TYPES
 from .split_kv_reduce import reduce_kv_splits, split_views
 
 _LOG2E = 1.4426950408889634
@@ -81,14 +87,15 @@ def _tanh(x):
 @triton.jit
 def _paged_attention_kernel(
         out, q, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
-        part_acc, part_max, part_sum, scale_log2, window, cap_in, cap_out, num_reqs,
+        part_acc, part_max, part_sum, kv_scales, scale_log2, window, cap_in, cap_out, num_reqs,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
         NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
         NUM_SPLITS: tl.constexpr, DOT_IN_FP32: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
-        SOFT_CAP: tl.constexpr):
+        SOFT_CAP: tl.constexpr, FP8_KV: tl.constexpr):
     """``window``: read with SLIDING_WINDOW only; ``cap_in = scale / c`` and ``cap_out = c * log2(e)``
-    with SOFT_CAP only (the capped score, in base 2, is ``cap_out * tanh(cap_in * q.k)``)."""
+    with SOFT_CAP only (the capped score, in base 2, is ``cap_out * tanh(cap_in * q.k)``);
+    ``kv_scales`` ([2, num_kv_heads]: keys', values') with FP8_KV only."""
     q_tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -113,6 +120,10 @@ def _paged_attention_kernel(
     if DOT_IN_FP32:
         q_tile_values = q_tile_values.to(tl.float32)
     q_pos = context_len + q_local
+    if FP8_KV:  # q . (scale_k * k) = scale_k * (q . k)
+        k_scale = tl.load(kv_scales + kv_head)
+        scale_log2 = scale_log2 * k_scale
+        cap_in = cap_in * k_scale
 
     # keys [kv_lo, kv_len): from the first its first query sees to the last query's own, in NUM_SPLITS runs
     # of whole TILE_N tiles. Keys before kv_lo are never loaded: their blocks may be freed (the KV cache
@@ -142,6 +153,8 @@ def _paged_attention_kernel(
         kv_offset = block * stride_cb + (k_pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch  # [TILE_N]
         k_t = tl.load(key_cache + kv_offset[None, :] + dims[:, None],
                       mask=dim_ok[:, None] & k_ok[None, :], other=0.0)  # [HEAD_PAD, TILE_N]
+        if FP8_KV:
+            k_t = k_t.to(q.dtype.element_ty)
         if DOT_IN_FP32:
             s = tl.dot(q_tile_values, k_t.to(tl.float32), input_precision="ieee")
         else:
@@ -162,6 +175,8 @@ def _paged_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(value_cache + kv_offset[:, None] + dims[None, :],
                     mask=k_ok[:, None] & dim_ok[None, :], other=0.0)  # [TILE_N, HEAD_PAD]
+        if FP8_KV:
+            v = v.to(q.dtype.element_ty)
         p_low = p.to(v.dtype)  # the rounding a low-precision dot applies, kept on the fp32 path
         if DOT_IN_FP32:
             pv = tl.dot(p_low.to(tl.float32), v.to(tl.float32), input_precision="ieee")
@@ -170,6 +185,8 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
+    if FP8_KV:  # sum p * (scale_v * v) = scale_v * sum p * v; partial results merge linearly
+        acc = acc * tl.load(kv_scales + NUM_HEADS // GROUP + kv_head)
     io_mask = row_ok[:, None] & dim_ok[None, :]
     if NUM_SPLITS == 1:
         result = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows past the queries saw no key
@@ -188,8 +205,8 @@ def split_workspace_numel(num_tokens: int, num_heads: int, num_splits: int, head
 
 
 def kernel_config(*, num_heads: int, num_kv_heads: int, head_size: int, block_size: int, dtype: torch.dtype,
-                  max_query_len: int, num_splits: int, sliding_window: bool,
-                  soft_cap: bool) -> tuple[dict[str, Any], int, int]:
+                  max_query_len: int, num_splits: int, sliding_window: bool, soft_cap: bool,
+                  fp8_kv: bool = False) -> tuple[dict[str, Any], int, int]:
     """What a launch of this shape compiles: the kernel's constexprs, num_warps and num_stages
     (``kernels.aot`` compiles the same for a GPU that is not here).
 
@@ -197,7 +214,7 @@ def kernel_config(*, num_heads: int, num_kv_heads: int, head_size: int, block_si
     each K/V tile over more rows. Rows wider than 256 bytes (head 256 in 16 bits, fp32 from
     head 96) get smaller tiles: the gathered K/V tiles' 64-bit addresses dominate register
     use. Chosen from ptxas register counts for sm_90 (at most a few bytes spilled); not yet
-    tuned by timing."""
+    tuned by timing. ``dtype`` is q's; an fp8 cache (``fp8_kv``) is widened to it on load."""
     group = num_heads // num_kv_heads
     head_pad = triton.next_power_of_2(head_size)
     wide = head_pad * dtype.itemsize > 256
@@ -207,10 +224,12 @@ def kernel_config(*, num_heads: int, num_kv_heads: int, head_size: int, block_si
     else:
         block_m = max(block_m, 32 if wide else 64)
         tile_n, num_warps, num_stages = (16, 8, 2) if wide else (32, 8, 3)
+    if fp8_kv and dtype == torch.float32:
+        num_stages = 1  # pipelined, the tiles widened to fp32 stay live in registers: ptxas spills (sm_90)
     constexprs = dict(NUM_HEADS=num_heads, GROUP=group, HEAD_SIZE=head_size, HEAD_PAD=head_pad,
                       BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_m // group, TILE_N=tile_n,
                       NUM_SPLITS=num_splits, DOT_IN_FP32=dtype == torch.float32 or INTERPRETED,
-                      SLIDING_WINDOW=sliding_window, SOFT_CAP=soft_cap)
+                      SLIDING_WINDOW=sliding_window, SOFT_CAP=soft_cap, FP8_KV=fp8_kv)
     return constexprs, num_warps, num_stages
 
 
@@ -218,13 +237,14 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
                     block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                     max_query_len: int, scale: float, num_splits: int = 1,
                     workspace: torch.Tensor | None = None, sliding_window: int | None = None,
-                    logits_soft_cap: float | None = None) -> None:
+                    logits_soft_cap: float | None = None, kv_scales: torch.Tensor | None = None) -> None:
     """Attention of ``q`` ([T, num_heads, head_size], the batch's real tokens) over the paged
     cache into ``out`` (q's shape and dtype). ``query_start_loc`` [R + 1] must end at T and
     ``max_query_len`` bound every request's query length (host int: sizes the grid).
     ``num_splits > 1`` takes the split-KV path and needs an fp32 ``workspace`` of at least
     ``split_workspace_numel(...)`` elements. ``sliding_window`` and ``logits_soft_cap`` as
-    in ``AttentionBackend.forward`` (None: off)."""
+    in ``AttentionBackend.forward`` (None: off). An fp8 cache needs its ``kv_scales`` (fp32
+    [2, num_kv_heads]: keys', values')."""
     if q.dim() != 3 or out.shape != q.shape or out.dtype != q.dtype:
         raise ValueError(f"q must be [num_tokens, num_heads, head_size] and out the same shape and dtype, "
                          f"got q {q.dtype} {tuple(q.shape)}, out {out.dtype} {tuple(out.shape)}")
@@ -237,10 +257,16 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     if cache_head_size != head_size or num_heads % num_kv_heads:
         raise ValueError(f"q has {num_heads} heads of {head_size}; the cache {num_kv_heads} KV heads of "
                          f"{cache_head_size}: head sizes must match and num_heads be a multiple of num_kv_heads")
-    if not (q.dtype == key_cache.dtype == value_cache.dtype) or q.dtype not in (
-            torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"q and the caches must share one of float32/float16/bfloat16, "
+    fp8_kv = key_cache.dtype in FP8_TYPES
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or key_cache.dtype != value_cache.dtype \
+            or not (fp8_kv or q.dtype == key_cache.dtype):
+        raise ValueError(f"q must be float32/float16/bfloat16 and the caches of its dtype or one fp8 dtype, "
                          f"got {q.dtype}, {key_cache.dtype}, {value_cache.dtype}")
+    if fp8_kv and (kv_scales is None or kv_scales.shape != (2, num_kv_heads) or kv_scales.dtype != torch.float32
+                   or not kv_scales.is_contiguous() or kv_scales.device != q.device):
+        got = "None" if kv_scales is None else f"{kv_scales.dtype} {tuple(kv_scales.shape)} on {kv_scales.device}"
+        raise ValueError(f"an fp8 cache needs kv_scales, contiguous float32 [2, {num_kv_heads}] on {q.device}, "
+                         f"got {got}")
     num_reqs = seq_lens.shape[0]
     for name, t, shape in (("seq_lens", seq_lens, (num_reqs,)), ("query_start_loc", query_start_loc, (num_reqs + 1,)),
                            ("block_tables", block_tables, (num_reqs, block_tables.shape[-1]))):
@@ -264,7 +290,7 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     constexprs, num_warps, num_stages = kernel_config(
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_size=head_size, block_size=block_size, dtype=q.dtype,
         max_query_len=max_query_len, num_splits=num_splits, sliding_window=sliding_window is not None,
-        soft_cap=logits_soft_cap is not None)
+        soft_cap=logits_soft_cap is not None, fp8_kv=fp8_kv)
     if num_splits > 1:
         needed = split_workspace_numel(num_tokens, num_heads, num_splits, head_size)
         if workspace is None or workspace.dtype != torch.float32 or workspace.numel() < needed \
@@ -280,7 +306,8 @@ def paged_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
     grid = (num_tokens // constexprs["BLOCK_Q"] + num_reqs, num_kv_heads, num_splits)
     _paged_attention_kernel[grid](
         out, q, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
-        part_acc, part_max, part_sum, scale * _LOG2E, sliding_window or 0, scale / cap, cap * _LOG2E, num_reqs,
+        part_acc, part_max, part_sum, kv_scales if fp8_kv else out,  # unread without fp8
+        scale * _LOG2E, sliding_window or 0, scale / cap, cap * _LOG2E, num_reqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         **constexprs, num_warps=num_warps, num_stages=num_stages)

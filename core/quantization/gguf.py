@@ -183,6 +183,14 @@ def block_format(qtype: int) -> BlockFormat:
     return fmt
 
 
+def is_quantized(qtype: int) -> bool:
+    """Whether a tensor of ``qtype`` stays in its GGUF block format (float formats are expanded);
+    a block format tokenmill does not keep is a ValueError naming it."""
+    if qtype in (Q.F32, Q.F16, Q.BF16, Q.F64):
+        return False
+    return block_format(qtype).affine is not None
+
+
 def dequantize(data: torch.Tensor, qtype: int, in_features: int) -> torch.Tensor:
     """Rows of blocks, uint8 [rows, bytes_per_row] -> float32 [rows, in_features], on data's device."""
     fmt = block_format(qtype)
@@ -351,6 +359,13 @@ class GGUFWeight:
         else:
             out = matmul_tiled(x2, self.data, self.qtype, self.in_features)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def matmul_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` computed in float32 whatever kernel ``matmul`` would pick (the CPU int4 kernel
+        rounds x and its output to bfloat16): for logits, where a near tie decides a greedy token."""
+        x2 = x.reshape(-1, self.in_features).float()
+        out = matmul_tiled(x2, self.data, self.qtype, self.in_features)
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The weight, or its ``rows`` (an int64 index of any shape), as float32 [*rows.shape, in_features]."""

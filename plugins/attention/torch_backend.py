@@ -34,6 +34,11 @@ use SDPA's own ``enable_gqa``:
 
     decode   q [R, H, D] -> [R, KV, group, D]    k, v [R, L, KV, D] seen as [R, KV, L, D]
     prompt   q [Q, H, D] -> [1, H, Q, D]         k, v [L, KV, D] seen as [1, KV, L, D]
+
+An fp8 cache (``kv_cache_dtype``) holds ``clamp(x / scale, -max, max)`` per KV
+head (``quantize_kv``); gathered keys and values are dequantized to fp32 before
+the math. A prompt with no cached prefix attends to its own k/v after the same
+round trip, so it sees what a later step, or a prefix-cache hit, reads back.
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill import AttentionBackend, AttentionMetadata
+from tokenmill.attention import FP8_DTYPES
 
 # Cost of one more decode bucket, in padded context tokens: a bucket is split off
 # when it saves more gather + attention work than this per-call overhead.
@@ -114,6 +120,7 @@ class TorchAttentionBackend(AttentionBackend):
     supported_devices = ("cpu", "cuda")
     supports_sliding_window = True
     supports_logits_soft_cap = True
+    supported_kv_cache_dtypes = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -138,18 +145,21 @@ class TorchAttentionBackend(AttentionBackend):
             slot.plan = self._step_plan(metadata, num_blocks=key_cache.shape[0], block_size=key_cache.shape[1],
                                         device=q.device)
         plan = slot.plan
+        k_scale, v_scale = self.kv_cache_scales(kv_cache) if kv_cache.dtype in FP8_DTYPES else (None, None)
+        new_k = quantize_kv(k[:n], k_scale, key_cache.dtype)  # [n, KV, D], as the cache stores them
+        new_v = quantize_kv(v[:n], v_scale, value_cache.dtype)
         if plan.slots is None:
-            write_kv(key_cache, value_cache, k[:n], v[:n], metadata.slot_mapping[:n])
+            write_kv(key_cache, value_cache, new_k, new_v, metadata.slot_mapping[:n])
         else:
-            key_cache.view(-1, *key_cache.shape[2:])[plan.slots] = k[:n].to(key_cache.dtype)
-            value_cache.view(-1, *value_cache.shape[2:])[plan.slots] = v[:n].to(value_cache.dtype)
+            key_cache.view(-1, *key_cache.shape[2:])[plan.slots] = new_k
+            value_cache.view(-1, *value_cache.shape[2:])[plan.slots] = new_v
 
         out = torch.empty_like(q)
         out[n:].zero_()  # padding rows: any finite value
         group = self.num_heads // self.num_kv_heads
         window_plan = plan.for_window(sliding_window)
         for bucket in window_plan.decode:
-            keys, values = self._gather(kv_cache, bucket.kv_blocks)  # [R * L, KV, D] each
+            keys, values = self._gather(kv_cache, bucket.kv_blocks, k_scale, v_scale)  # [R * L, KV, D] each
             keys = keys.view(bucket.num_rows, bucket.padded_len, self.num_kv_heads, -1).transpose(1, 2)
             values = values.view(bucket.num_rows, bucket.padded_len, self.num_kv_heads, -1).transpose(1, 2)
             qh = q[bucket.token_index].view(bucket.num_rows, self.num_kv_heads, group, -1)
@@ -163,9 +173,9 @@ class TorchAttentionBackend(AttentionBackend):
         for chunk in window_plan.prefill:
             start, end = chunk.start, chunk.end
             if chunk.kv_blocks is None:  # no cached prefix: this step's k/v are the whole context
-                keys, values = k[start:end].to(key_cache.dtype), v[start:end].to(value_cache.dtype)
+                keys, values = dequantize_kv(new_k[start:end], k_scale), dequantize_kv(new_v[start:end], v_scale)
             else:
-                keys, values = self._gather(kv_cache, chunk.kv_blocks)
+                keys, values = self._gather(kv_cache, chunk.kv_blocks, k_scale, v_scale)
                 keys, values = keys[: chunk.num_keys], values[: chunk.num_keys]
             keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [KV, L, D]
             if logits_soft_cap is None:
@@ -184,10 +194,12 @@ class TorchAttentionBackend(AttentionBackend):
             out[start:end] = attn.transpose(0, 1).to(out.dtype)  # [H, Q, D] -> [Q, H, D]
         return out
 
-    def _gather(self, kv_cache: torch.Tensor, kv_blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(self, kv_cache: torch.Tensor, kv_blocks: torch.Tensor, k_scale: torch.Tensor | None,
+                v_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Whole blocks of keys and values, in ``kv_blocks`` order, into the workspace:
-        two [num_blocks_gathered * block_size, KV, D] views. Copying whole blocks runs at
-        memcpy speed; attention then reads keys with a stride of KV * D."""
+        two [num_blocks_gathered * block_size, KV, D] views (dequantized fp32 copies for an fp8
+        cache). Copying whole blocks runs at memcpy speed; attention then reads keys with a
+        stride of KV * D."""
         width = kv_cache[0, 0].numel()
         numel = kv_blocks.shape[0] * width
         if self._workspace.numel() < numel or self._workspace.dtype != kv_cache.dtype \
@@ -196,7 +208,7 @@ class TorchAttentionBackend(AttentionBackend):
         gathered = self._workspace[:numel].view(kv_blocks.shape[0], width)
         torch.index_select(kv_cache.view(-1, width), 0, kv_blocks, out=gathered)
         keys, values = gathered.view(2, -1, *kv_cache.shape[3:])
-        return keys, values
+        return dequantize_kv(keys, k_scale), dequantize_kv(values, v_scale)
 
     def prepare(self, metadata: AttentionMetadata) -> _PlanSlot:
         return _PlanSlot()
@@ -303,25 +315,48 @@ def _bucket_rows(rows: np.ndarray, lens: np.ndarray, block_size: int) -> list[np
     return buckets[::-1]
 
 
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Keys or values ``x`` [T, KV, D] as a cache of ``dtype`` stores them: for fp8, ``x / scale``
+    (``scale`` [KV]: their KV head's; None: 1.0) clamped to the format's finite range (beyond it a
+    value saturates rather than becoming inf or NaN); for other dtypes, ``x`` cast."""
+    if dtype not in FP8_DTYPES:
+        return x.to(dtype)
+    limit = torch.finfo(dtype).max
+    x = x.float() if scale is None else x.float() / scale[:, None]
+    return x.clamp_(-limit, limit).to(dtype)
+
+
+def dequantize_kv(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """The fp32 keys or values that cache entries ``x`` [..., KV, D] stand for (``scale`` as in ``quantize_kv``)."""
+    if x.dtype not in FP8_DTYPES or scale is None:
+        return x.float()
+    return x.float() * scale[:, None]
+
+
 def write_kv(key_cache: torch.Tensor, value_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Scatter each token's k/v into its slot; slot -1 (padding) is skipped."""
+             slot_mapping: torch.Tensor, kv_scales: torch.Tensor | None = None) -> None:
+    """Scatter each token's k/v into its slot, quantized for an fp8 cache (``quantize_kv``);
+    slot -1 (padding) is skipped."""
+    k_scale, v_scale = (None, None) if kv_scales is None else kv_scales
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
-    key_cache.view(-1, *key_cache.shape[2:])[slots] = k[valid].to(key_cache.dtype)
-    value_cache.view(-1, *value_cache.shape[2:])[slots] = v[valid].to(value_cache.dtype)
+    key_cache.view(-1, *key_cache.shape[2:])[slots] = quantize_kv(k[valid], k_scale, key_cache.dtype)
+    value_cache.view(-1, *value_cache.shape[2:])[slots] = quantize_kv(v[valid], v_scale, value_cache.dtype)
 
 
 def reference_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                               metadata: AttentionMetadata, scale: float, *, sliding_window: int | None = None,
-                              logits_soft_cap: float | None = None) -> torch.Tensor:
+                              logits_soft_cap: float | None = None,
+                              kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """The reference: ``AttentionBackend.forward`` for the torch cache layout, one request
     at a time, in fp32, KV heads repeated for GQA, every score computed and masked
-    explicitly (no SDPA, which the backends use). Plain and slow on purpose."""
+    explicitly (no SDPA, which the backends use). Plain and slow on purpose.
+    ``kv_scales`` [2, KV]: an fp8 cache's scales (``kv_cache_scales``; None: 1.0)."""
     n = metadata.num_actual_tokens
     key_cache, value_cache = kv_cache[0], kv_cache[1]
     block_size = key_cache.shape[1]
-    write_kv(key_cache, value_cache, k[:n], v[:n], metadata.slot_mapping[:n])
+    write_kv(key_cache, value_cache, k[:n], v[:n], metadata.slot_mapping[:n], kv_scales)
+    k_scale, v_scale = (None, None) if kv_scales is None else kv_scales
 
     out = torch.zeros_like(q)
     group = q.shape[1] // key_cache.shape[2]
@@ -333,12 +368,12 @@ def reference_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             continue
         blocks = metadata.block_tables[i, : (seq_len + block_size - 1) // block_size]
         # keys/values of the whole context: [seq_len, kv_heads, head]
-        keys = key_cache[blocks].flatten(0, 1)[:seq_len]
-        values = value_cache[blocks].flatten(0, 1)[:seq_len]
+        keys = dequantize_kv(key_cache[blocks].flatten(0, 1)[:seq_len], k_scale)
+        values = dequantize_kv(value_cache[blocks].flatten(0, 1)[:seq_len], v_scale)
         # [heads, len, head]; fp32 so the reference is exact enough to compare against
         qh = q[start:end].transpose(0, 1).float()
-        kh = keys.transpose(0, 1).float().repeat_interleave(group, dim=0)
-        vh = values.transpose(0, 1).float().repeat_interleave(group, dim=0)
+        kh = keys.transpose(0, 1).repeat_interleave(group, dim=0)
+        vh = values.transpose(0, 1).repeat_interleave(group, dim=0)
         scores = scale * qh @ kh.transpose(1, 2)  # [heads, query_len, seq_len]
         if logits_soft_cap is not None:
             scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)

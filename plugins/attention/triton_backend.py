@@ -17,6 +17,12 @@ graph constant. The split workspace is allocated on the first split launch at
 its maximal size and reused: after that warm-up a decode launch allocates
 nothing and reads nothing back to the host.
 
+An fp8 cache (``kv_cache_dtype``): ``kv_write`` quantizes with the layer's
+scales, the attention kernel widens the loaded tiles and applies them (both
+read the scales from device memory: a captured graph stays valid). Triton
+converts e4m3 (``fp8``, ``fp8_e4m3``) only from compute capability 8.9
+(Ada, Hopper); e5m2 from 8.0.
+
 On CPU the kernels run only under the Triton interpreter (``TRITON_INTERPRET=1``,
 set before the kernels are imported), which is for tests: it is slow.
 """
@@ -30,11 +36,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from tokenmill import AttentionBackend, AttentionMetadata
+from tokenmill.attention import FP8_DTYPES, KV_CACHE_DTYPES
 
 _MAX_SPLITS = 16
 _MIN_KEYS_PER_SPLIT = 512  # shorter runs cost more in partial writes and the reduce than they gain
 _SPLIT_MAX_TOKENS = 128  # the heuristic splits batches of at most this many tokens: bounds the workspace
 _KERNEL_MODULE = "tokenmill.kernels.paged_attention"
+_E4M3_MIN_CAPABILITY = (8, 9)  # Triton's fp8e4nv conversions: Ada and Hopper on
 
 
 def _interpreter_problem() -> str | None:
@@ -65,6 +73,7 @@ class TritonAttentionBackend(AttentionBackend):
     supports_sliding_window = True
     supports_logits_soft_cap = True
     supports_cuda_graphs = True  # a decode launch neither syncs nor allocates once the workspace exists
+    supported_kv_cache_dtypes = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
     class Options(BaseModel):
         """``attention_config``. ``num_kv_splits``: None picks per step (see the module docstring);
@@ -101,6 +110,24 @@ class TritonAttentionBackend(AttentionBackend):
         return super().unsupported_reason(head_size=head_size, dtype=dtype, device=device, block_size=block_size)
 
     @classmethod
+    def unsupported_kv_cache_dtype(cls, kv_cache_dtype: str, *,
+                                   device: torch.device | str | None = None) -> str | None:
+        problem = super().unsupported_kv_cache_dtype(kv_cache_dtype, device=device)
+        if problem or KV_CACHE_DTYPES[kv_cache_dtype] != torch.float8_e4m3fn or device is None \
+                or torch.device(device).type != "cuda" or not torch.cuda.is_available():
+            return problem
+        capability = torch.cuda.get_device_capability(device)
+        if capability < _E4M3_MIN_CAPABILITY:
+            return (f"kv_cache_dtype {kv_cache_dtype!r} (e4m3) needs compute capability >= 8.9 for Triton's fp8 "
+                    f"conversions, {device} has {capability[0]}.{capability[1]}: use 'fp8_e5m2' or the 'torch' "
+                    "backend")
+        return None
+
+    @classmethod
+    def capabilities(cls) -> dict[str, Any]:
+        return {**super().capabilities(), "kv_cache_dtype_limits": "fp8, fp8_e4m3: CUDA compute capability >= 8.9"}
+
+    @classmethod
     def priority(cls, device: torch.device) -> int:
         # the kernels on CUDA; on CPU the interpreter is for testing them, far slower than torch
         return 10 if device.type == "cuda" else -10
@@ -115,7 +142,8 @@ class TritonAttentionBackend(AttentionBackend):
                 logits_soft_cap: float | None = None) -> torch.Tensor:
         n = metadata.num_actual_tokens
         key_cache, value_cache = kv_cache[0], kv_cache[1]
-        self._write_kv_cache(k[:n], v[:n], key_cache, value_cache, metadata.slot_mapping[:n])
+        kv_scales = self.kv_cache_scales(kv_cache) if kv_cache.dtype in FP8_DTYPES else None
+        self._write_kv_cache(k[:n], v[:n], key_cache, value_cache, metadata.slot_mapping[:n], kv_scales)
         out = torch.empty_like(q)
         out[n:].zero_()  # padding rows: any finite value
         num_splits = self.num_kv_splits_for(metadata, sliding_window)
@@ -123,7 +151,8 @@ class TritonAttentionBackend(AttentionBackend):
         self._paged_attention(q[:n], key_cache, value_cache, out[:n], block_tables=metadata.block_tables,
                               seq_lens=metadata.seq_lens, query_start_loc=metadata.query_start_loc,
                               max_query_len=metadata.max_query_len, scale=scale, num_splits=num_splits,
-                              workspace=workspace, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+                              workspace=workspace, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+                              kv_scales=kv_scales)
         return out
 
     def num_kv_splits_for(self, metadata: AttentionMetadata, sliding_window: int | None = None) -> int:

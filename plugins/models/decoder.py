@@ -158,7 +158,7 @@ class DecoderForCausalLM(Model):
                                     for layer in spec.layers)
         self.norm = spec.parts.norm(config.hidden_size)
         self.lm_head = None if self.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
-                                                                       bias=False)
+                                                                       bias=False, logits=True)
         self.rotary = nn.ModuleDict({key: RotaryEmbedding(params, cache.head_size, config.max_position_embeddings)
                                      for key, params in spec.rope.items()})
         self._needs_seq_lens = any(rotary.is_length_dependent for rotary in self.rotary.values())

@@ -1,0 +1,70 @@
+"""The default model (a Q4_1 GGUF with a Q8_0 embedding table) runs with its weights in their
+GGUF block formats: the France answer, greedy output close to the fp32-expanded model, a
+fraction of its weight bytes; bad quantization options are errors naming the option."""
+import pytest
+import torch
+
+from builders import TINY_CONFIGS, make_checkpoint
+from tokenmill import LLM, SamplingParams
+from tokenmill.errors import ConfigError
+from tokenmill.layers import Embedding, Linear
+from tokenmill.quantization.gguf import GGUFWeight
+
+PROMPTS = ["Once upon a time", "The three primary colors are", "def fibonacci(n):", "Water boils at"]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    dense = sum(p.numel() * p.element_size() for p in model.parameters())
+    quantized = sum(w.nbytes for m in model.modules() if isinstance(m, Linear) and m.quantized
+                    for w in m.quantized)
+    table = sum(m.quantized.nbytes for m in model.modules() if isinstance(m, Embedding) and m.quantized)
+    return dense + quantized + table
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    return LLM(max_model_len=256)
+
+
+@pytest.fixture(scope="module")
+def expanded():
+    return LLM(max_model_len=256, quantization="none")
+
+
+def test_the_default_model_keeps_its_block_formats(quantized, expanded):
+    model = quantized.engine.core.model
+    assert quantized.engine.core.quantization == "gguf"
+    layer = model.layers[0]
+    assert layer.self_attn.qkv_proj.weight is None and layer.mlp.gate_up_proj.weight is None
+    assert isinstance(layer.self_attn.qkv_proj.quantized[0], GGUFWeight)
+    assert len(layer.self_attn.qkv_proj.quantized) == 1  # q, k and v merged into one Q4_1 weight
+    assert isinstance(model.embed_tokens.quantized, GGUFWeight) and model.embed_tokens.weight is None
+    ours, fp32 = weight_bytes(model), weight_bytes(expanded.engine.core.model)
+    print(f"weight bytes: quantized {ours / 2**20:.0f} MiB, fp32-expanded {fp32 / 2**20:.0f} MiB")
+    assert ours < fp32 / 2.5
+
+
+def test_the_quantized_default_model_answers_the_france_question(quantized):
+    out = quantized.chat([{"role": "user", "content": "What is the capital of France?"}],
+                         SamplingParams(max_tokens=16, temperature=0.0), use_tqdm=False)
+    assert "Paris" in out[0].outputs[0].text
+
+
+def test_greedy_output_is_close_to_the_fp32_expanded_model(quantized, expanded):
+    ours = [o.outputs[0].token_ids for o in quantized.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    theirs = [o.outputs[0].token_ids for o in expanded.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    prefix = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(ours, theirs)]
+    print(f"greedy agreement: tokens before the first difference per prompt {prefix} of {GREEDY.max_tokens}")
+    assert sum(prefix) >= len(PROMPTS) * GREEDY.max_tokens // 2  # bfloat16 activations in the int4 kernel
+    assert prefix[0] >= 8
+
+
+def test_bad_quantization_options_name_the_option(tmp_path):
+    with pytest.raises(ConfigError, match="quantization: 'fp8' quantizes a bf16/fp16/fp32 checkpoint"):
+        LLM(quantization="fp8")
+    make_checkpoint(tmp_path, TINY_CONFIGS["llama-gqa-untied"])
+    with pytest.raises(ConfigError, match="quantization: 'gguf' keeps a .gguf file's block formats"):
+        LLM(str(tmp_path), quantization="gguf", device="cpu")
+    with pytest.raises(ConfigError, match="quantization"):
+        LLM(quantization="awq")
