@@ -150,9 +150,9 @@ class EngineCore:
             num_blocks = (budget or DEFAULT_CPU_KV_CACHE_BYTES) // bytes_per_block
         if num_blocks < needed:
             raise ConfigError(f"the KV cache has {num_blocks} blocks of {block_size} tokens; one request of "
-                              f"max_model_len={self.max_model_len} needs {needed} (the null block included): raise the cache size "
-                              "(gpu_memory_utilization, kv_cache_memory_bytes or num_gpu_blocks_override) or lower "
-                              "max_model_len")
+                              f"max_model_len={self.max_model_len} needs {needed} (the null block included): raise "
+                              "the cache size (gpu_memory_utilization, kv_cache_memory_bytes or "
+                              "num_gpu_blocks_override) or lower max_model_len")
         return num_blocks
 
     # ------------------------------------------------------------ requests

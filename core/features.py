@@ -93,6 +93,7 @@ def feature_matrix(registry: ComponentSource) -> dict[str, Any]:
         _listing("attention_backends", sorted(available[ATTENTION_BACKEND]), "no attention backend registered"),
         _attention_choice(available[ATTENTION_BACKEND]),
         _kv_cache_dtypes(available[ATTENTION_BACKEND]),
+        _quantization(),
         _listing("model_architectures", sorted(available[MODEL]), "no model class registered"),
         {"feature": "unsupported_model_kinds", "status": "refused" if refused_models else "none",
          "detail": "; ".join(f"{', '.join(names)}: {reason}" for reason, names in reasons.items())},
@@ -127,6 +128,23 @@ def _attention_choice(backends: dict[str, type]) -> dict[str, str]:
     return {"feature": "attention_backend_selection", "status": "supported" if backends else "unavailable",
             "detail": " | ".join(parts) + " (the first that supports the model's head size, dtype and block size "
                                          "is used; attention_backend=NAME overrides)"}
+
+
+def _quantization() -> dict[str, str]:
+    """The ``quantization`` methods and how each runs on the devices of this installation."""
+    from .quantization.fp8 import has_fp8_matmul
+    from .quantization.gguf import FORMATS
+
+    formats = ", ".join(f.qtype.name for f in FORMATS.values() if f.affine is not None)
+    cuda = torch.cuda.is_available()
+    native_fp8 = cuda and has_fp8_matmul(torch.device("cuda"))
+    return {"feature": "quantization", "status": "supported",
+            "detail": f"gguf (a .gguf file's default: {formats} kept in their block formats; CPU: PyTorch's int4 "
+                      f"kernel with bfloat16 activations, logits in float32; CUDA: the Triton dequantizing matmul"
+                      f"{'' if cuda else ', no CUDA device here'}); fp8 (bf16/fp16/fp32 checkpoints quantized at "
+                      f"load, e4m3 with a scale per output channel; "
+                      f"{'torch._scaled_mm on this GPU' if native_fp8 else 'emulated here: no sm_89+ GPU'}); "
+                      "none (a .gguf file expanded to the model dtype)"}
 
 
 def _kv_cache_dtypes(backends: dict[str, type]) -> dict[str, str]:

@@ -64,6 +64,10 @@ class Linear(nn.Linear):
         self._pending: list[QuantizedWeight | None] = [None] * len(self.shard_sizes)
         self._device = self.weight.device  # where the quantized weight goes once loaded
 
+    def reset_parameters(self) -> None:
+        """Nothing: the loader fills every weight (dummy weights too), and writing a random one
+        first would make the whole full-precision matrix resident even when it stays quantized."""
+
     def load(self, tensor: torch.Tensor | QuantizedWeight, shard: int | None = None) -> None:
         """Load one checkpoint tensor: the whole weight, or shard ``shard`` of a fused layer."""
         index = 0 if shard is None else shard
@@ -122,6 +126,9 @@ class Embedding(nn.Embedding):
         super().__init__(num_embeddings, embedding_dim)
         self.quantized: QuantizedWeight | None = None
         self.compute_dtype = self.weight.dtype  # what a lookup returns once the table is quantized
+
+    def reset_parameters(self) -> None:
+        """Nothing: the loader fills the table (see ``Linear.reset_parameters``)."""
 
     def load(self, tensor: torch.Tensor | QuantizedWeight) -> None:
         if isinstance(tensor, QuantizedWeight):

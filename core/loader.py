@@ -26,7 +26,9 @@ from .attention import AttentionBackend
 from .config import DEFAULT_MODEL
 from .errors import ConfigError, UnknownComponentError
 from .gguf_loader import fix_gguf_config, hf_config_from_gguf, iter_gguf_weights
+from .layers import Linear
 from .model_base import Model
+from .quantization.fp8 import Fp8Weight
 from .registry import Registry
 
 DEFAULT_MODEL_ALIASES = (DEFAULT_MODEL, "smollm2")
@@ -207,7 +209,19 @@ def load_model(hf_config: PretrainedConfig, model_cls: type[Model], attention: A
     else:
         loaded = model.load_weights(iter_weights(source, type(model), keep_quantized=quantization == "gguf"))
         _check_all_loaded(model, loaded, hf_config, source)
+    if quantization == "fp8":
+        _quantize_fp8(model)
     return model.eval()
+
+
+def _quantize_fp8(model: Model) -> None:
+    """Every ``tokenmill.layers.Linear`` but the logits head to e4m3 with a scale per output channel."""
+    linears = [m for m in model.modules() if isinstance(m, Linear) and not m.logits and m.quantized is None]
+    if not linears:
+        raise ConfigError(f"quantization: 'fp8' quantizes the model's tokenmill.layers.Linear layers, and "
+                          f"{type(model).__name__} builds none")
+    for linear in linears:
+        linear.quantize(Fp8Weight)
 
 
 def _fill_dummy_weights(model: Model, seed: int) -> None:
@@ -303,9 +317,3 @@ def _scaled_context(hf_config: PretrainedConfig, max_position_embeddings: int) -
         base, name = int(params["original_max_position_embeddings"]), "original_max_position_embeddings"
     limit = int(base * factor)
     return limit, f"{name} {base} x {rope_type} rope factor {factor} = {limit}"
-    if requested is None:
-        return int(limit)
-    if requested > limit:
-        raise ConfigError(f"max_model_len ({requested}) is larger than the model's maximum length "
-                          f"(max_position_embeddings = {limit})")
-    return requested

@@ -94,3 +94,9 @@ def test_cli_says_which_backend_a_model_gets_and_why_the_others_were_passed_over
     assert "not chosen: triton: " in detail
     without = run_cli("features", "--json")
     assert "attention_backend_for_model" not in without.stdout
+
+
+def test_quantization_row_names_the_methods_and_the_gguf_formats():
+    detail = feature(Registry(entry_points=False).feature_matrix(), "quantization")["detail"]
+    assert detail.startswith("gguf (") and "Q4_K" in detail and "Q6_K" in detail
+    assert "fp8 (" in detail and "none (" in detail

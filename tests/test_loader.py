@@ -21,7 +21,6 @@ from tokenmill.config import DEFAULT_MODEL
 from tokenmill.gguf_loader import unpermute_qk
 from tokenmill.plugins.attention.torch_backend import TorchAttentionBackend
 from tokenmill.plugins.models.llama import LlamaForCausalLM
-from tokenmill.plugins.models.llama import LlamaForCausalLM
 from tokenmill.testing.builders import make_attention_metadata
 
 BLOCK_SIZE = 16
