@@ -60,8 +60,9 @@ NUM_LOGPROBS = 5
 
 @pytest.fixture(scope="module")
 def default_llm():
+    """The GGUF expanded to fp32, as transformers reads it (the quantized path: test_quantized_model.py)."""
     return LLM(max_model_len=1024, device="cpu", dtype="float32", max_num_batched_tokens=128,
-               num_gpu_blocks_override=160)
+               num_gpu_blocks_override=160, quantization="none")
 
 
 @pytest.fixture(scope="module")
