@@ -113,6 +113,23 @@ def hf_logprobs(hf_model: transformers.PreTrainedModel, token_ids: list[int],
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+def hf_logits(hf_model: transformers.PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
+    """transformers' logits of every position of ``ids`` [T], float32 [T, vocab]."""
+    with torch.inference_mode():
+        return hf_model(ids[None]).logits[0].float()
+
+
+def prefill_logits(model, ids: torch.Tensor, block_size: int = 16) -> torch.Tensor:
+    """Our model's logits of every position of one request run as a single prefill [T, vocab];
+    its KV caches are bound and hold at least ceil(T / block_size) blocks."""
+    from tokenmill.testing.builders import make_attention_metadata
+
+    num_blocks = -(-len(ids) // block_size)
+    md = make_attention_metadata([len(ids)], [len(ids)], [list(range(num_blocks))], block_size)
+    with torch.inference_mode():
+        return model.compute_logits(model(ids, torch.arange(len(ids)), md))
+
+
 def hf_greedy_loop(hf_model: transformers.PreTrainedModel, prompt: list[int], max_new_tokens: int,
                    process=None) -> list[int]:
     """Greedy decoding by full forward passes; ``process(output_ids, logits)`` may edit the

@@ -15,13 +15,14 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+import builders
 import tokenmill
+from builders import hf_logits
 from tokenmill import loader
 from tokenmill.config import DEFAULT_MODEL
 from tokenmill.gguf_loader import unpermute_qk
 from tokenmill.plugins.attention.torch_backend import TorchAttentionBackend
 from tokenmill.plugins.models.llama import LlamaForCausalLM
-from tokenmill.testing.builders import make_attention_metadata
 
 BLOCK_SIZE = 16
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -82,20 +83,13 @@ def load(source, hf_config=None, seed=0):
 
 
 def prefill_logits(model, ids):
-    """Logits of every position of one request run as a single prefill [T, vocab]."""
+    """Logits of every position of one request run as a single prefill [T, vocab], on fresh caches."""
     spec = model.kv_cache_spec(model.hf_config)
     num_blocks = (len(ids) + BLOCK_SIZE - 1) // BLOCK_SIZE
     model.bind_kv_caches([torch.zeros(TorchAttentionBackend.kv_cache_shape(num_blocks, BLOCK_SIZE,
                                                                            spec.num_kv_heads, spec.head_size))
                           for _ in range(spec.num_layers)])
-    md = make_attention_metadata([len(ids)], [len(ids)], [list(range(num_blocks))], BLOCK_SIZE)
-    with torch.inference_mode():
-        return model.compute_logits(model(ids, torch.arange(len(ids)), md))
-
-
-def hf_logits(hf_model, ids):
-    with torch.inference_mode():
-        return hf_model(ids[None]).logits[0].float()
+    return builders.prefill_logits(model, ids, BLOCK_SIZE)
 
 
 def llama_cpp_permute(weight, num_heads):

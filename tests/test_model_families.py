@@ -23,7 +23,8 @@ import torch
 import transformers
 
 import tokenmill
-from builders import assert_no_leaks, make_llm, random_prompts, save_word_tokenizer, token_prompts
+from builders import (assert_no_leaks, hf_logits, make_llm, prefill_logits, random_prompts, save_word_tokenizer,
+                      token_prompts)
 from tokenmill import loader
 from tokenmill.plugins.attention.torch_backend import TorchAttentionBackend
 from tokenmill.plugins.models.decoder import token_seq_lens
@@ -187,19 +188,6 @@ def model_pair(name):
     model.bind_kv_caches([torch.zeros(backend.kv_cache_shape(8, BLOCK_SIZE, spec.num_kv_heads, spec.head_size))
                           for _ in range(spec.num_layers)])
     return hf_model, model
-
-
-def prefill_logits(model, ids):
-    """Logits of every position of one request computed as a single prefill [T, vocab]."""
-    num_blocks = -(-len(ids) // BLOCK_SIZE)
-    md = make_attention_metadata([len(ids)], [len(ids)], [list(range(num_blocks))], BLOCK_SIZE)
-    with torch.inference_mode():
-        return model.compute_logits(model(ids, torch.arange(len(ids)), md))
-
-
-def hf_logits(hf_model, ids):
-    with torch.inference_mode():
-        return hf_model(ids[None]).logits[0].float()
 
 
 def _attentions(model):
