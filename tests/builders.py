@@ -8,6 +8,10 @@ id of the vocabulary (``w3`` is id 3), so any generated id decodes to text.
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -128,6 +132,23 @@ def prefill_logits(model, ids: torch.Tensor, block_size: int = 16) -> torch.Tens
     md = make_attention_metadata([len(ids)], [len(ids)], [list(range(num_blocks))], block_size)
     with torch.inference_mode():
         return model.compute_logits(model(ids, torch.arange(len(ids)), md))
+
+
+def compile_ahead_of_time(script: str, jobs: dict) -> dict:
+    """Run ``script`` (reads the JSON ``jobs`` on stdin, prints JSON results) in a fresh interpreter
+    without TRITON_INTERPRET, so Triton compiles for real GPU targets; its parsed output."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # what launches use; set, it silences triton's warning
+    done = subprocess.run([sys.executable, "-c", script], input=json.dumps(jobs), env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def llama_cpp_permute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """convert_hf_to_gguf.py's LlamaModel.permute, as llama.cpp writes q/k (its inverse: unpermute_qk)."""
+    return (weight.reshape(num_heads, 2, weight.shape[0] // num_heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
 
 
 def hf_greedy_loop(hf_model: transformers.PreTrainedModel, prompt: list[int], max_new_tokens: int,

@@ -17,10 +17,7 @@ greedy agreement with the unquantized cache, prefix caching, the errors; and the
 fp8 kernel variants compiled ahead of time. Triton runs under its interpreter
 on CPU (small shapes).
 """
-import json
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +27,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from builders import (TINY_CONFIGS, TINY_ENGINE_OPTIONS, assert_no_leaks, make_checkpoint, make_llm,  # noqa: E402
-                      output_ids, random_prompts, token_prompts)
+from builders import (TINY_CONFIGS, TINY_ENGINE_OPTIONS, assert_no_leaks, compile_ahead_of_time,  # noqa: E402
+                      make_checkpoint, make_llm, output_ids, random_prompts, token_prompts)
 from tokenmill import ConfigError, EngineConfig, Registry  # noqa: E402
 from tokenmill.attention import select_attention_backend  # noqa: E402
 from tokenmill.cli import _engine_options, build_parser  # noqa: E402
@@ -550,12 +547,7 @@ def aot_resources():
                                                                    num_kv_heads=8, head_size=128, block_size=16))
     jobs["80/float8_e4m3fn/kv-write"] = ("kv_write", dict(arch=80, dtype="bfloat16", cache_dtype="float8_e4m3fn",
                                                           num_kv_heads=8, head_size=128, block_size=16))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    done = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], input=json.dumps(jobs), env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
+    return compile_ahead_of_time(_AOT_SCRIPT, jobs)
 
 
 @pytest.mark.parametrize("variant", AOT_VARIANTS)

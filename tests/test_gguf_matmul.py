@@ -14,10 +14,7 @@ checks run compiled, and ``-m gpu`` adds real sizes and a bandwidth report. Ever
 compiles (each format, decode and prefill configs, fp16 and bf16 activations) is also compiled
 ahead of time for sm_80 and sm_90 with no GPU (``tokenmill.kernels.aot``).
 """
-import json
 import os
-import subprocess
-import sys
 
 import torch
 
@@ -28,6 +25,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, quants  # noqa: E402
 
+from builders import compile_ahead_of_time  # noqa: E402
 from tokenmill.kernels.gguf_matmul import FORMATS, gguf_matmul, kernel_config  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -196,12 +194,7 @@ def aot_resources():
                                                          num_tokens=num_tokens)
             for arch in AOT_ARCHS for qtype in QTYPES for phase, num_tokens in AOT_PHASES.items()
             for dtype in AOT_DTYPES}
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # what launches use; set, it silences triton's warning
-    done = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], input=json.dumps(jobs), env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
+    return compile_ahead_of_time(_AOT_SCRIPT, jobs)
 
 
 @pytest.mark.parametrize("dtype", AOT_DTYPES)

@@ -17,7 +17,7 @@ from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 import builders
 import tokenmill
-from builders import hf_logits
+from builders import hf_logits, llama_cpp_permute
 from tokenmill import loader
 from tokenmill.config import DEFAULT_MODEL
 from tokenmill.gguf_loader import unpermute_qk
@@ -90,12 +90,6 @@ def prefill_logits(model, ids):
                                                                            spec.num_kv_heads, spec.head_size))
                           for _ in range(spec.num_layers)])
     return builders.prefill_logits(model, ids, BLOCK_SIZE)
-
-
-def llama_cpp_permute(weight, num_heads):
-    """convert_hf_to_gguf.py's LlamaModel.permute, as llama.cpp writes q/k."""
-    return (weight.reshape(num_heads, 2, weight.shape[0] // num_heads // 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))
 
 
 def write_gguf(path, arch, hf_model):

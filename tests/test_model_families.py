@@ -23,8 +23,8 @@ import torch
 import transformers
 
 import tokenmill
-from builders import (assert_no_leaks, hf_logits, make_llm, prefill_logits, random_prompts, save_word_tokenizer,
-                      token_prompts)
+from builders import (assert_no_leaks, hf_logits, llama_cpp_permute, make_llm, prefill_logits, random_prompts,
+                      save_word_tokenizer, token_prompts)
 from tokenmill import loader
 from tokenmill.plugins.attention.torch_backend import TorchAttentionBackend
 from tokenmill.plugins.models.decoder import token_seq_lens
@@ -387,12 +387,6 @@ def gguf_twin_config(name):
     if GGUF_ARCHS[name] in ("gemma2", "gemma3"):
         config.query_pre_attn_scalar = config.head_dim
     return config
-
-
-def llama_cpp_permute(weight, num_heads):
-    """convert_hf_to_gguf.py's LlamaModel.permute, as llama.cpp writes q/k."""
-    return (weight.reshape(num_heads, 2, weight.shape[0] // num_heads // 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))
 
 
 def write_gguf(path, arch, hf_model):

@@ -16,10 +16,7 @@ Every kernel variant is also compiled ahead of time for sm_80 and sm_90, with
 no GPU (``tokenmill.kernels.aot``): compile errors and register spills show up
 on CPU.
 """
-import json
 import os
-import subprocess
-import sys
 
 import torch
 
@@ -29,7 +26,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import transformers  # noqa: E402
 
-from builders import assert_no_leaks, make_checkpoint, output_ids, random_prompts, token_prompts  # noqa: E402
+from builders import assert_no_leaks, compile_ahead_of_time, make_checkpoint, output_ids, random_prompts, token_prompts  # noqa: E402
 from tokenmill import Registry  # noqa: E402
 from tokenmill.llm import LLM  # noqa: E402
 from tokenmill.plugins.attention import TorchAttentionBackend, TritonAttentionBackend  # noqa: E402
@@ -331,12 +328,7 @@ def aot_resources():
                 jobs[f"{arch}/{shape}/{variant}"] = ("paged_attention", dict(arch=arch, **shape_args, **variant_args))
         jobs[f"{arch}/split-kv-reduce"] = ("split_kv_reduce", dict(arch=arch, dtype="bfloat16", num_heads=32,
                                                                    num_splits=4, head_size=128))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # what launches use; set, it silences triton's warning
-    done = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], input=json.dumps(jobs), env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
+    return compile_ahead_of_time(_AOT_SCRIPT, jobs)
 
 
 def assert_compiled_without_spilling(resources):
