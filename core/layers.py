@@ -9,7 +9,9 @@ from these, and the loader hands them full-precision or quantized tensors alike.
 A fused layer packs several checkpoint tensors along its output rows (q, k, v in ``qkv_proj``);
 ``shard_sizes`` names their row counts. Shards of one format are merged into one weight when the
 format can concatenate rows (GGUF blocks run along the input dimension); a fused layer whose
-shards differ in format (a Q4_K_M file stores v in Q6_K) multiplies shard by shard.
+shards differ in format (a Q4_K_M file stores v in Q6_K) multiplies shard by shard. A weight that
+can drop its load-time form once laid out for its kernel (``release_raw``: GGUF rows after CPU int4
+packing) does so, unless the layer computes logits.
 """
 from __future__ import annotations
 
@@ -86,9 +88,9 @@ class Linear(nn.Linear):
         if all(w is not None for w in self._pending):
             self._use(self._pending)
 
-    def quantize(self, make: type | None = None, **kwargs) -> None:
+    def quantize(self, make: type, **kwargs) -> None:
         """Replace the loaded full-precision weight by ``make.from_weight(weight, **kwargs)``
-        (quantization at load, e.g. fp8)."""
+        (quantization at load, e.g. fp8's ``Fp8Weight``)."""
         self._use([make.from_weight(self.weight.detach(), **kwargs)])
 
     def _use(self, shards: list[QuantizedWeight]) -> None:
@@ -100,6 +102,11 @@ class Linear(nn.Linear):
                     shards[i] = DenseWeight(self.weight.detach()[start: start + size].clone())
                 start += size
         self.quantized = [w.to(self._device) for w in _merge(shards)]
+        if not self.logits:  # logits multiply in float32 from the raw form (``matmul_fp32``): keep it there
+            for w in self.quantized:
+                release = getattr(w, "release_raw", None)
+                if release is not None:
+                    release()
         self.weight = None  # the full-precision weight is gone: only the quantized one is kept
         self._pending = [None] * len(self.shard_sizes)
 

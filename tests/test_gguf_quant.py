@@ -204,6 +204,26 @@ def test_weight_is_a_quantized_weight_whose_bytes_grow_by_its_cpu_layout():
 
 
 @with_int4
+@pytest.mark.parametrize("qtype", QUANTIZED, ids=qtype_id)
+def test_releasing_the_raw_rows_keeps_the_product_and_reads_the_weight_back_from_the_int4_layout(qtype):
+    weight = make_weight(qtype, out_features=32).to("cpu")
+    x = make_x(3, weight.in_features)
+    before, raw_bytes, full = weight.matmul(x), weight.data.nbytes, weight.dequantize()
+    nbytes = weight.nbytes
+    assert weight.release_raw()
+    assert weight.data is None and weight.nbytes == nbytes - raw_bytes
+    assert torch.equal(weight.matmul(x), before)
+    assert_within(x @ weight.dequantize().T, x, full, 4 * BF16_ROUNDOFF)  # the kernel's bf16 scales
+    with pytest.raises(ValueError, match="released after int4 packing"):
+        weight.take_rows(torch.tensor([0]))
+
+
+def test_raw_rows_stay_where_no_int4_layout_can_replace_them():
+    weight = make_weight(Q.Q4_0, out_features=40)  # 40 rows: not a multiple of 16
+    assert not weight.release_raw() and weight.data is not None
+
+
+@with_int4
 def test_cat_stacks_rows_of_one_format():
     q, k = make_weight(Q.Q5_0, out_features=48, seed=1), make_weight(Q.Q5_0, out_features=16, seed=2)
     fused = GGUFWeight.cat([q, k])

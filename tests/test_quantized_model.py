@@ -40,9 +40,13 @@ def test_the_default_model_keeps_its_block_formats(quantized, expanded):
     assert isinstance(layer.self_attn.qkv_proj.quantized[0], GGUFWeight)
     assert len(layer.self_attn.qkv_proj.quantized) == 1  # q, k and v merged into one Q4_1 weight
     assert isinstance(model.embed_tokens.quantized, GGUFWeight) and model.embed_tokens.weight is None
+    # projections hold only the CPU int4 layout, not the file's rows beside it; the table keeps its rows
+    assert all(w.data is None for m in model.modules() if isinstance(m, Linear) and m.quantized
+               for w in m.quantized if isinstance(w, GGUFWeight))
+    assert model.embed_tokens.quantized.data is not None
     ours, fp32 = weight_bytes(model), weight_bytes(expanded.engine.core.model)
     print(f"weight bytes: quantized {ours / 2**20:.0f} MiB, fp32-expanded {fp32 / 2**20:.0f} MiB")
-    assert ours < fp32 / 2.5
+    assert ours < fp32 / 3.5
 
 
 def test_the_quantized_default_model_answers_the_france_question(quantized):

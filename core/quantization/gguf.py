@@ -273,6 +273,18 @@ class Int4Pack:
     def nbytes(self) -> int:
         return self.packed.nbytes + self.scales_and_zeros.nbytes
 
+    def dequantize(self) -> torch.Tensor:
+        """The weight the kernel multiplies by, float32 [N, K]: the product with an identity, K rows at a
+        time (exact but for the bfloat16 rounding of the result)."""
+        in_features = self.packed.shape[1] * 2 // self.num_planes * self.group_size // 32
+        columns = []
+        for start in range(0, in_features, _PACK_ROWS):
+            rows = torch.arange(start, min(start + _PACK_ROWS, in_features))
+            eye = torch.zeros(len(rows), in_features, dtype=torch.bfloat16)
+            eye[torch.arange(len(rows)), rows] = 1
+            columns.append(self.matmul(eye).float())
+        return torch.cat(columns).T.contiguous()
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T``: x [T, K] -> [T, N] in x's dtype."""
         xs = _pad_groups(x.to(torch.bfloat16), self.group_size, 0).repeat(1, self.num_planes)
@@ -311,9 +323,12 @@ class GGUFWeight:
     """A GGUF weight [out_features, in_features] kept in its block format (a ``QuantizedWeight``).
 
     ``data`` holds the rows exactly as the file stores them. On CPU, ``matmul`` uses ``Int4Pack`` where
-    the format fits it (built by ``to(cpu)`` or the first CPU matmul, and kept beside ``data``, which
-    ``dequantize`` and other devices still need) and ``matmul_tiled`` otherwise; on CUDA it calls the
-    Triton kernel ``tokenmill.kernels.gguf_matmul``.
+    the format fits it (built by ``to(cpu)`` or the first CPU matmul) and ``matmul_tiled`` otherwise; on
+    CUDA it calls the Triton kernel ``tokenmill.kernels.gguf_matmul``.
+
+    A layer that only multiplies (no lookups, no float32 logits) calls ``release_raw`` once the int4
+    layout is built, so the weight is held once, not twice; ``data`` is then None and ``dequantize``
+    reads the weight back from the int4 layout (its scales rounded to bfloat16, as the kernel uses them).
     """
 
     def __init__(self, qtype: int, data: torch.Tensor, in_features: int):
@@ -326,32 +341,45 @@ class GGUFWeight:
             raise ValueError(f"data of a {fmt.qtype.name} weight with {in_features} inputs must be uint8 "
                              f"[rows, {row_bytes}], got {data.dtype} {list(data.shape)}")
         self.qtype = fmt.qtype
-        self.data = data.contiguous()
+        self.data: torch.Tensor | None = data.contiguous()
+        self.device = data.device
         self.out_features = data.shape[0]
         self.in_features = in_features
 
     def __repr__(self) -> str:
         return (f"GGUFWeight({self.qtype.name}, out_features={self.out_features}, "
-                f"in_features={self.in_features}, device={self.data.device})")
+                f"in_features={self.in_features}, device={self.device})")
 
     @cached_property
     def _int4(self) -> Int4Pack | None:
-        if self.data.device.type != "cpu":
+        if self.device.type != "cpu" or self.data is None:
             return None
         return Int4Pack.from_raw(self.data, self.qtype, self.in_features)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of ``data`` and, once built, of the CPU int4 layout."""
+        """Bytes of ``data`` (until released) and, once built, of the CPU int4 layout."""
         int4 = self.__dict__.get("_int4")
-        return self.data.nbytes + (int4.nbytes if int4 is not None else 0)
+        return (0 if self.data is None else self.data.nbytes) + (int4.nbytes if int4 is not None else 0)
+
+    def release_raw(self) -> bool:
+        """Drop the file's rows when the CPU int4 layout can do all the multiplying; whether it did."""
+        if self._int4 is None:
+            return False
+        self.data = None
+        return True
+
+    def _raw(self, what: str) -> torch.Tensor:
+        if self.data is None:
+            raise ValueError(f"{what} needs the GGUF rows of {self!r}, released after int4 packing")
+        return self.data
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T``: x [..., in_features] -> [..., out_features], in x's dtype."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must end in {self.in_features} features, got shape {list(x.shape)}")
         x2 = x.reshape(-1, self.in_features)
-        if self.data.is_cuda and block_format(self.qtype).affine is not None:
+        if self.device.type == "cuda" and block_format(self.qtype).affine is not None:
             from tokenmill.kernels.gguf_matmul import gguf_matmul
             out = gguf_matmul(x2, self.data, self.qtype, self.out_features, self.in_features)
         elif self._int4 is not None:
@@ -364,11 +392,14 @@ class GGUFWeight:
         """``x @ W.T`` computed in float32 whatever kernel ``matmul`` would pick (the CPU int4 kernel
         rounds x and its output to bfloat16): for logits, where a near tie decides a greedy token."""
         x2 = x.reshape(-1, self.in_features).float()
-        out = matmul_tiled(x2, self.data, self.qtype, self.in_features)
+        out = matmul_tiled(x2, self._raw("matmul_fp32"), self.qtype, self.in_features)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The weight, or its ``rows`` (an int64 index of any shape), as float32 [*rows.shape, in_features]."""
+        if self.data is None:
+            full = self._int4.dequantize()
+            return full if rows is None else full[rows.to(full.device)]
         if rows is None:
             return dequantize(self.data, self.qtype, self.in_features)
         flat = dequantize(self.data[rows.reshape(-1)], self.qtype, self.in_features)
@@ -377,15 +408,17 @@ class GGUFWeight:
     def to(self, device: torch.device | str) -> GGUFWeight:
         """This weight on ``device``; on CPU with its int4 layout built."""
         device = torch.device(device)
-        moved = self if self.data.device == device else GGUFWeight(self.qtype, self.data.to(device),
-                                                                    self.in_features)
+        if self.device == device:
+            moved = self
+        else:
+            moved = GGUFWeight(self.qtype, self._raw(f"moving to {device}").to(device), self.in_features)
         if device.type == "cpu":
             _ = moved._int4  # laid out now rather than at the first matmul
         return moved
 
     def take_rows(self, index: torch.Tensor) -> GGUFWeight:
         """The weight made of rows ``index`` (int64 [n]) in that order: a row selection or permutation."""
-        return GGUFWeight(self.qtype, self.data[index.to(self.data.device)], self.in_features)
+        return GGUFWeight(self.qtype, self._raw("take_rows")[index.to(self.device)], self.in_features)
 
     @staticmethod
     def cat(weights: list[GGUFWeight]) -> GGUFWeight:
@@ -397,4 +430,4 @@ class GGUFWeight:
             if (w.qtype, w.in_features) != (first.qtype, first.in_features):
                 raise ValueError(f"cat needs one format and in_features; got {first.qtype.name} "
                                  f"[.., {first.in_features}] and {w.qtype.name} [.., {w.in_features}]")
-        return GGUFWeight(first.qtype, torch.cat([w.data for w in weights]), first.in_features)
+        return GGUFWeight(first.qtype, torch.cat([w._raw("cat") for w in weights]), first.in_features)
