@@ -1,7 +1,7 @@
 #!/bin/bash
 # Everything a lent GPU should check, in one call (see ../shared/device/README.md):
-# the GPU-marked tests, the decode attention benchmark, then the throughput benchmark
-# on both real shapes. Details go under $OUT,
+# the GPU-marked tests, the decode attention benchmark, the throughput benchmark
+# on both real shapes, then the quantized benchmark. Details go under $OUT,
 # a short table is printed last.
 #
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
@@ -41,6 +41,10 @@ for shape in smollm2-135m llama3-8b; do
     > "$OUT/throughput_$shape.txt" 2>&1 || shape_rc=1
 done
 
+# the issue-16 benchmark: the Llama-3-8B shape in bf16, fp8 weights, fp8 KV and both
+timeout 420 python3 benchmarks/quantized.py --gpu > "$OUT/quantized.txt" 2>&1
+quant_rc=$?
+
 echo "== device"; cat "$OUT/device.txt"
 echo "== pytest -m gpu (rc $tests_rc; details in gpu_tests.txt)"
 grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.txt" | head -20
@@ -50,4 +54,5 @@ tail -n 20 "$OUT/attention.txt"
 for shape in smollm2-135m llama3-8b; do
   echo "== benchmarks/throughput.py --shape $shape"; tail -n 8 "$OUT/throughput_$shape.txt"
 done
-exit $(( tests_rc != 0 || bench_rc != 0 || shape_rc != 0 ))
+echo "== benchmarks/quantized.py --gpu (rc $quant_rc)"; tail -n 12 "$OUT/quantized.txt"
+exit $(( tests_rc != 0 || bench_rc != 0 || shape_rc != 0 || quant_rc != 0 ))
