@@ -33,7 +33,7 @@ GPU_MODES = {"bf16": {}, "fp8-weights": dict(quantization="fp8"), "fp8-kv": dict
              "fp8-both": dict(quantization="fp8", kv_cache_dtype="fp8")}
 
 
-def run_mode(options: dict, quick: bool, gpu: bool) -> dict:
+def run_mode(options: dict, args: argparse.Namespace) -> dict:
     import tempfile
 
     import torch
@@ -41,12 +41,15 @@ def run_mode(options: dict, quick: bool, gpu: bool) -> dict:
     from tokenmill import LLM, SamplingParams
     from tokenmill.layers import Embedding, Linear
 
+    quick, gpu = args.quick, args.gpu
+    on_cuda = gpu and args.device == "cuda"
     if gpu:
         from throughput import make_shape_checkpoint
         folder = tempfile.mkdtemp()
-        make_shape_checkpoint("llama3-8b", folder)
-        llm = LLM(folder, load_format="dummy", device="cuda", dtype="bfloat16", kv_cache_memory_bytes=16 << 30,
-                  max_model_len=1024, enable_prefix_caching=False, **options)
+        make_shape_checkpoint(args.shape, folder)
+        llm = LLM(folder, load_format="dummy", device=args.device, dtype="bfloat16" if on_cuda else "float32",
+                  kv_cache_memory_bytes=(16 << 30) if on_cuda else (256 << 20), max_model_len=1024,
+                  enable_prefix_caching=False, **options)
     else:
         llm = LLM(kv_cache_memory_bytes=256 << 20, max_model_len=512, **options)
     model = llm.engine.core.model
@@ -72,7 +75,7 @@ def run_mode(options: dict, quick: bool, gpu: bool) -> dict:
     start = time.perf_counter()
     batch = llm.generate(prompts, params, use_tqdm=False)
     throughput = n * (length + out) / (time.perf_counter() - start)
-    if gpu:
+    if on_cuda:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -84,16 +87,19 @@ def run_mode(options: dict, quick: bool, gpu: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--gpu", action="store_true", help="the Llama-3-8B shape on a CUDA device")
+    ap.add_argument("--gpu", action="store_true", help="the GPU modes: --shape with random weights on --device")
+    ap.add_argument("--shape", default="llama3-8b", choices=["llama3-8b", "smollm2-135m"], help="with --gpu")
+    ap.add_argument("--device", default="cuda", help="with --gpu (cpu runs the modes in float32, to check the script)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     modes = GPU_MODES if args.gpu else CPU_MODES
     if args.child:
-        print(json.dumps(run_mode(modes[args.child], args.quick, args.gpu)))
+        print(json.dumps(run_mode(modes[args.child], args)))
         return
     results = {}
     for mode in modes:
-        cmd = [sys.executable, __file__, "--child", mode] + [f for f in ("--quick", "--gpu") if getattr(args, f[2:])]
+        cmd = [sys.executable, __file__, "--child", mode, "--shape", args.shape, "--device", args.device]
+        cmd += [flag for flag in ("--quick", "--gpu") if getattr(args, flag[2:])]
         child = subprocess.run(cmd, capture_output=True, text=True)
         if child.returncode:
             print(f"mode {mode} failed:\n{child.stderr[-2000:]}", file=sys.stderr)
@@ -103,7 +109,7 @@ def main() -> None:
         sys.exit(1)
     names = list(results)
     base = results[names[0]]
-    memory = "peak device MiB" if args.gpu else "peak RSS MiB"
+    memory = "peak device MiB" if args.gpu and args.device == "cuda" else "peak RSS MiB"
     print(f"{'metric':<22}" + "".join(f"{m:>13}" for m in names) + "".join(f"{m + '/' + names[0]:>20}"
                                                                          for m in names[1:]))
     for key, label in (("weight_mib", "weight MiB"), ("peak_mib", memory), ("kv_blocks", "KV blocks"),

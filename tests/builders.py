@@ -244,3 +244,155 @@ def make_metadata(temperature: list[float], **overrides) -> SamplingMetadata:
                   output_token_ids=[[] for _ in temperature])
     fields.update(overrides)
     return SamplingMetadata(**fields)
+
+
+# ---------------------------------------------------------------- GGUF files as llama.cpp writes them
+
+# what llama.cpp's converter does to weights, per GGUF architecture
+GGUF_PERMUTED_QK = {"llama", "granite"}
+GGUF_NORM_PLUS_ONE = {"gemma", "gemma2", "gemma3"}
+
+
+def quantize_k_quant(values, qtype):
+    """float32 [rows, K] (K a multiple of 256) -> the uint8 rows [rows, K / 256 * type_size] of a K-quant
+    (Q4_K, Q5_K or Q6_K), which gguf-py cannot quantize: a plain round-to-nearest quantizer (no search
+    for the best scales, as llama.cpp's), in the block layouts of ``tokenmill.quantization.gguf``."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+    rows, width = values.shape
+    f16_bytes = lambda a: a.astype(np.float16).view(np.uint8).reshape(len(a), 2)  # noqa: E731
+    if qtype == Q.Q6_K:  # 16 sub-blocks of 16: w = d * sc * (q - 32), q 6 bits, sc int8
+        x = values.reshape(-1, 16, 16).astype(np.float32)
+        sub = np.abs(x).max(-1) / 31
+        d = (sub.max(-1) / 127).astype(np.float16)
+        d32 = np.where(d == 0, 1, d).astype(np.float32)[:, None]
+        sc = np.clip(np.ceil(sub / d32), 0, 127).astype(np.int8)
+        step = d.astype(np.float32)[:, None] * sc
+        q = np.clip(np.rint(x / np.where(step == 0, 1, step)[..., None]) + 32, 0, 63).astype(np.uint8)
+        q = q.reshape(-1, 2, 4, 32)  # quant 128h + 32k + l
+        ql = (q[:, :, :2] & 15) | ((q[:, :, 2:] & 15) << 4)  # [n, h, 2, 32]: ql[64h + 32j + l]
+        qh = sum(((q[:, :, k] >> 4) & 3) << (2 * k) for k in range(4)).astype(np.uint8)  # [n, h, 32]
+        blocks = np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), sc.view(np.uint8), f16_bytes(d)], axis=1)
+    elif qtype in (Q.Q4_K, Q.Q5_K):  # 8 sub-blocks of 32: w = d * sc * q - dmin * mn, sc and mn 6 bits
+        bits = 4 if qtype == Q.Q4_K else 5
+        x = values.reshape(-1, 8, 32).astype(np.float32)
+        mins = np.maximum(-x.min(-1), 0)
+        scales = (x.max(-1) + mins) / (2 ** bits - 1)
+        d, dmin = (scales.max(-1) / 63).astype(np.float16), (mins.max(-1) / 63).astype(np.float16)
+        sc = np.clip(np.ceil(scales / np.where(d == 0, 1, d).astype(np.float32)[:, None]), 0, 63).astype(np.uint8)
+        mn = np.clip(np.ceil(mins / np.where(dmin == 0, 1, dmin).astype(np.float32)[:, None]), 0, 63).astype(np.uint8)
+        step, low = d.astype(np.float32)[:, None] * sc, dmin.astype(np.float32)[:, None] * mn
+        q = np.rint((x + low[..., None]) / np.where(step == 0, 1, step)[..., None])
+        q = np.clip(q, 0, 2 ** bits - 1).astype(np.uint8)  # [n, sub-block, 32]
+        packed_scales = np.concatenate([sc[:, :4] | ((sc[:, 4:] >> 4) << 6), mn[:, :4] | ((mn[:, 4:] >> 4) << 6),
+                                        (sc[:, 4:] & 15) | ((mn[:, 4:] & 15) << 4)], axis=1)
+        pairs = (q & 15).reshape(-1, 4, 2, 32)
+        qs = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128)
+        parts = [f16_bytes(d), f16_bytes(dmin), packed_scales]
+        if bits == 5:
+            parts.append(sum(((q[:, s] >> 4) & 1) << s for s in range(8)).astype(np.uint8))  # qh[l]: bit s
+        blocks = np.concatenate([*parts, qs], axis=1)
+    else:
+        raise ValueError(f"{qtype!r} is not a K-quant this quantizer writes")
+    assert blocks.shape[1] == GGML_QUANT_SIZES[qtype][1]
+    return np.ascontiguousarray(blocks).reshape(rows, -1)
+
+
+def quantize_gguf(values, qtype):
+    """float32 [rows, K] -> the uint8 rows of GGUF type ``qtype`` (gguf-py's quantizer, or
+    ``quantize_k_quant`` for the K-quants gguf-py cannot write)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q, quants
+
+    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+        return quantize_k_quant(values, qtype)
+    raw = quants.quantize(np.ascontiguousarray(values, dtype=np.float32), qtype)
+    return np.ascontiguousarray(raw).view(np.uint8).reshape(values.shape[0], -1)
+
+
+def write_llama_cpp_gguf(path, arch: str, hf_model: transformers.PreTrainedModel, tensor_type=None) -> None:
+    """``hf_model`` as llama.cpp's converter writes GGUF architecture ``arch``: its metadata keys,
+    gguf-py's tensor names, permuted q/k (llama, granite), norm weights + 1 (Gemma), Phi-3's LongRoPE
+    factors as tensors. Tensors are F32 but where ``tensor_type`` (a ``GGMLQuantizationType`` for every
+    2-D tensor, or a function ``(gguf name, [rows, K]) -> type``) names another type: then the file holds
+    that type's blocks (``quantize_gguf``) of the permuted, norm-shifted float tensor.
+
+    The generalisation of test_model_families.write_gguf (and test_loader's F32 llama writer)."""
+    import math
+
+    import gguf
+    import numpy as np
+
+    from tokenmill.plugins.models.rope import rope_parameters
+
+    c = hf_model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_bos_token_id(c.bos_token_id)
+    writer.add_eos_token_id(c.eos_token_id)
+    if arch == "starcoder2":
+        writer.add_layer_norm_eps(c.norm_epsilon)
+    else:
+        writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    if arch in ("qwen3", "gemma", "gemma2", "gemma3"):
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if arch == "llama":  # LlamaModel's keys; transformers reads the vocabulary size from no tensor
+        writer.add_vocab_size(c.vocab_size)
+        writer.add_rope_dimension_count(head_dim)
+    rope = rope_parameters(c, "full_attention" if arch == "gemma3" else None)
+    writer.add_rope_freq_base(rope["rope_theta"])
+    if rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
+    if getattr(c, "sliding_window", None) is not None:
+        writer.add_sliding_window(c.sliding_window)
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(c.attn_logit_softcapping)
+    if arch in ("gemma2", "gemma3") and c.final_logit_softcapping:
+        writer.add_final_logit_softcapping(c.final_logit_softcapping)
+    if arch == "granite":
+        writer.add_attention_scale(c.attention_multiplier)
+        writer.add_embedding_scale(c.embedding_multiplier)
+        writer.add_residual_scale(c.residual_multiplier)
+        writer.add_logit_scale(c.logits_scaling)
+    if arch == "phi3":
+        rotary_dim = int(head_dim * rope["partial_rotary_factor"])
+        writer.add_rope_dimension_count(rotary_dim)
+        writer.add_rope_scaling_orig_ctx_len(c.original_max_position_embeddings)
+        original = c.original_max_position_embeddings
+        scale = c.max_position_embeddings / original
+        writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)))
+        writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+        writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
+    model_arch = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+    name_map = gguf.get_tensor_name_map(model_arch, c.num_hidden_layers)
+    for hf_name, tensor in hf_model.state_dict().items():
+        if hf_name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        if arch in GGUF_PERMUTED_QK and ".q_proj." in hf_name:
+            tensor = llama_cpp_permute(tensor, c.num_attention_heads)
+        elif arch in GGUF_PERMUTED_QK and ".k_proj." in hf_name:
+            tensor = llama_cpp_permute(tensor, c.num_key_value_heads)
+        if arch in GGUF_NORM_PLUS_ONE and hf_name.endswith("norm.weight"):
+            tensor = tensor + 1
+        base, leaf = hf_name.rsplit(".", 1)
+        name, values = f"{name_map.get_name(base)}.{leaf}", tensor.float().numpy()
+        qtype = gguf.GGMLQuantizationType.F32
+        if values.ndim == 2 and tensor_type is not None:
+            qtype = tensor_type(name, values.shape) if callable(tensor_type) else tensor_type
+        if qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, values)
+        else:
+            writer.add_tensor(name, quantize_gguf(values, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
