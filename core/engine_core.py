@@ -77,7 +77,7 @@ class EngineCore:
                                     section="attention_config", num_heads=self.hf_config.num_attention_heads,
                                     num_kv_heads=spec.num_kv_heads, head_size=spec.head_size, dtype=self.dtype,
                                     device=self.device, kv_cache_dtype=kv_cache_dtype)
-        self.quantization = resolve_quantization(config.model.quantization, source)
+        self.quantization = resolve_quantization(config.model.quantization, source, model_cls)
         self.model = load_model(self.hf_config, model_cls, attention, source=source, dtype=self.dtype,
                                 device=self.device, seed=config.seed, quantization=self.quantization)
         cache_dtype = attention.cache_dtype

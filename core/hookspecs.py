@@ -80,7 +80,12 @@ def tokenmill_register_models(register):
         ``config.json`` architecture names it implements (each must be unique
         across plugins). The class implements ``forward(input_ids, positions,
         attn_metadata) -> hidden``, ``compute_logits(hidden)`` and
-        ``load_weights(iterable of (name, tensor))``. A class that inherits
+        ``load_weights(iterable of (name, tensor))``. A class that builds its
+        projections and embeddings from ``tokenmill.layers`` (``Linear``,
+        ``Embedding``), passes each checkpoint tensor to ``layer.load`` (a
+        tensor or a ``tokenmill.quantization.QuantizedWeight``) and sets
+        ``quantized_weights = True`` runs quantized: GGUF block formats kept,
+        fp8 weights. A class that inherits
         ``SupportsV0Only`` is listed as refused: loading a checkpoint of that
         architecture fails with its ``v0_only_reason``.
     """

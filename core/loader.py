@@ -170,14 +170,21 @@ def _safetensors_shards(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
-def resolve_quantization(option: str | None, source: ModelSource) -> str | None:
-    """What ``quantization`` means for this checkpoint: "gguf" (block formats kept), "fp8", or None
-    (weights in the model dtype)."""
+def resolve_quantization(option: str | None, source: ModelSource,
+                         model_cls: type[Model] | None = None) -> str | None:
+    """What ``quantization`` means for this checkpoint and model class: "gguf" (block formats kept),
+    "fp8", or None (weights in the model dtype). A class without ``quantized_weights`` runs a GGUF
+    file expanded when the option is unset."""
     is_gguf = source.gguf_file is not None
     if option == "none":
         return None
+    able = model_cls is None or model_cls.quantized_weights
     if option is None:
-        return "gguf" if source.format == "gguf" else None
+        return "gguf" if source.format == "gguf" and able else None
+    if not able:
+        raise ConfigError(f"quantization: {option!r} needs a model class that builds its layers from "
+                          f"tokenmill.layers (quantized_weights = True), and {model_cls.__qualname__} does not; "
+                          f"leave quantization unset or use 'none'")
     if option == "gguf" and not is_gguf:
         raise ConfigError("quantization: 'gguf' keeps a .gguf file's block formats, and this checkpoint is not a "
                           ".gguf file; leave quantization unset, or use 'fp8'")

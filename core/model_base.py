@@ -76,6 +76,11 @@ class Model(torch.nn.Module, Component):
     # what ``tokenmill features`` lists for the class beside its architectures and GGUF names:
     # e.g. {"sliding_window": True, "logit_soft_cap": True, "rope_types": ["default", "yarn"]}
     features: ClassVar[Mapping[str, Any]] = {}
+    # True when the class builds its projections and embeddings from ``tokenmill.layers`` (Linear,
+    # Embedding) and ``load_weights`` hands a ``QuantizedWeight`` to ``layer.load`` as it does a
+    # tensor: then the ``quantization`` options apply (GGUF block formats kept, fp8). False: a GGUF
+    # file is expanded to the model dtype, and asking for a quantization is a ConfigError.
+    quantized_weights: ClassVar[bool] = False
 
     def __init__(self, hf_config: Any, attention: AttentionBackend) -> None:
         torch.nn.Module.__init__(self)
@@ -90,7 +95,7 @@ class Model(torch.nn.Module, Component):
     @classmethod
     def capabilities(cls) -> dict[str, Any]:
         return {"architectures": list(cls.architectures), "gguf": sorted(cls.gguf_names) or "no",
-                **cls.features}
+                "quantized_weights": cls.quantized_weights, **cls.features}
 
     @classmethod
     def kv_cache_spec(cls, hf_config: Any) -> KVCacheSpec:

@@ -318,7 +318,7 @@ def write_llama_cpp_gguf(path, arch: str, hf_model: transformers.PreTrainedModel
     2-D tensor, or a function ``(gguf name, [rows, K]) -> type``) names another type: then the file holds
     that type's blocks (``quantize_gguf``) of the permuted, norm-shifted float tensor.
 
-    The generalisation of test_model_families.write_gguf (and test_loader's F32 llama writer)."""
+    test_model_families writes its GGUF files with it."""
     import math
 
     import gguf

@@ -14,17 +14,15 @@ the prompts, soft caps that bend the scores, multipliers far from 1); then:
   and gives its transformers twin's logits.
 """
 import dataclasses
-import math
 
-import gguf
-import numpy as np
 import pytest
 import torch
 import transformers
 
 import tokenmill
-from builders import (assert_no_leaks, hf_logits, llama_cpp_permute, make_llm, prefill_logits, random_prompts,
+from builders import (assert_no_leaks, hf_logits, make_llm, prefill_logits, random_prompts,
                       save_word_tokenizer, token_prompts)
+from builders import write_llama_cpp_gguf as write_gguf
 from tokenmill import loader
 from tokenmill.plugins.attention.torch_backend import TorchAttentionBackend
 from tokenmill.plugins.models.decoder import token_seq_lens
@@ -387,71 +385,6 @@ def gguf_twin_config(name):
     if GGUF_ARCHS[name] in ("gemma2", "gemma3"):
         config.query_pre_attn_scalar = config.head_dim
     return config
-
-
-def write_gguf(path, arch, hf_model):
-    """``hf_model`` as llama.cpp's converter writes ``arch``: its metadata keys, gguf-py's tensor names,
-    permuted q/k (granite), norm weights + 1 (Gemma), Phi-3's LongRoPE factors as tensors. F32."""
-    c = hf_model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    writer = gguf.GGUFWriter(path, arch)
-    writer.add_context_length(c.max_position_embeddings)
-    writer.add_embedding_length(c.hidden_size)
-    writer.add_block_count(c.num_hidden_layers)
-    writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_head_count(c.num_attention_heads)
-    writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_bos_token_id(c.bos_token_id)
-    writer.add_eos_token_id(c.eos_token_id)
-    if arch == "starcoder2":
-        writer.add_layer_norm_eps(c.norm_epsilon)
-    else:
-        writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    if arch in ("qwen3", "gemma", "gemma2", "gemma3"):
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    rope = rope_parameters(c, FULL if arch == "gemma3" else None)
-    writer.add_rope_freq_base(rope["rope_theta"])
-    if rope["rope_type"] == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(rope["factor"])
-    if getattr(c, "sliding_window", None) is not None:
-        writer.add_sliding_window(c.sliding_window)
-    if arch == "gemma2":
-        writer.add_attn_logit_softcapping(c.attn_logit_softcapping)
-    if arch in ("gemma2", "gemma3") and c.final_logit_softcapping:
-        writer.add_final_logit_softcapping(c.final_logit_softcapping)
-    if arch == "granite":
-        writer.add_attention_scale(c.attention_multiplier)
-        writer.add_embedding_scale(c.embedding_multiplier)
-        writer.add_residual_scale(c.residual_multiplier)
-        writer.add_logit_scale(c.logits_scaling)
-    if arch == "phi3":
-        rotary_dim = int(head_dim * rope["partial_rotary_factor"])
-        writer.add_rope_dimension_count(rotary_dim)
-        writer.add_rope_scaling_orig_ctx_len(c.original_max_position_embeddings)
-        original = c.original_max_position_embeddings
-        scale = c.max_position_embeddings / original
-        writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)))
-        writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
-        writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
-    model_arch = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
-    name_map = gguf.get_tensor_name_map(model_arch, c.num_hidden_layers)
-    for hf_name, tensor in hf_model.state_dict().items():
-        if hf_name == "lm_head.weight" and c.tie_word_embeddings:
-            continue
-        if arch in PERMUTED_QK and ".q_proj." in hf_name:
-            tensor = llama_cpp_permute(tensor, c.num_attention_heads)
-        elif arch in PERMUTED_QK and ".k_proj." in hf_name:
-            tensor = llama_cpp_permute(tensor, c.num_key_value_heads)
-        if arch in NORM_PLUS_ONE and hf_name.endswith("norm.weight"):
-            tensor = tensor + 1
-        base, leaf = hf_name.rsplit(".", 1)
-        writer.add_tensor(f"{name_map.get_name(base)}.{leaf}", tensor.numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 # fields every family's GGUF config must get right, beyond the shapes

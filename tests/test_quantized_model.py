@@ -74,6 +74,24 @@ def test_bad_quantization_options_name_the_option(tmp_path):
         LLM(quantization="awq")
 
 
+def test_a_model_class_without_quantized_layers_runs_a_gguf_expanded_and_refuses_a_quantization(tmp_path):
+    from tokenmill.loader import ModelSource, resolve_quantization
+    from tokenmill.model_base import Model
+
+    class PlainModel(Model):  # a plugin whose layers are torch.nn.Linear
+        architectures = ("PlainForCausalLM",)
+
+    class LayeredModel(PlainModel):
+        quantized_weights = True
+
+    gguf_file = ModelSource(tmp_path, "gguf", gguf_file="model.gguf")
+    assert resolve_quantization(None, gguf_file, LayeredModel) == "gguf"
+    assert resolve_quantization(None, gguf_file, PlainModel) is None
+    assert PlainModel.capabilities()["quantized_weights"] is False
+    with pytest.raises(ConfigError, match="quantization: 'fp8' needs a model class .*PlainModel does not"):
+        resolve_quantization("fp8", ModelSource(tmp_path, "safetensors"), PlainModel)
+
+
 # ---------------------------------------------------------------- fp8 weights
 
 def test_fp8_weight_matches_its_dequantized_matrix_and_the_original_within_e4m3_error():

@@ -118,6 +118,7 @@ class DecoderForCausalLM(Model):
     """
 
     features = decoder_features()
+    quantized_weights = True
 
     @classmethod
     @abstractmethod
