@@ -78,6 +78,9 @@ class Linear(nn.Linear):
             else tuple(tensor.shape)
         if shape != (rows, self.in_features):
             raise ValueError(f"shard {index} has shape {shape}, expected {(rows, self.in_features)}")
+        if shard is None and isinstance(tensor, QuantizedWeight):  # every shard at once (a checkpoint's fused tensor)
+            self._use([tensor])
+            return
         if not isinstance(tensor, QuantizedWeight) and self.weight is not None:
             with torch.no_grad():
                 self.weight.narrow(0, sum(self.shard_sizes[:index]), rows).copy_(tensor)

@@ -74,6 +74,28 @@ def test_bad_quantization_options_name_the_option(tmp_path):
         LLM(quantization="awq")
 
 
+def test_a_fused_layer_takes_one_quantized_tensor_for_all_its_shards_or_one_per_shard():
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q, quants
+
+    weight = torch.randn(64, 64)
+    rows = np.ascontiguousarray(quants.quantize(weight.numpy(), Q.Q8_0)).view(np.uint8).reshape(64, -1)
+    def q8_0() -> GGUFWeight:  # a fresh weight per layer: a layer releases the rows of the weight it keeps
+        return GGUFWeight(Q.Q8_0, torch.from_numpy(rows.copy()), 64)
+
+    whole = q8_0()
+    x = torch.randn(3, 64)
+    expected = x @ whole.dequantize().T
+    fused = Linear(64, 64, bias=False, shard_sizes=(32, 16, 16))  # q, k, v: a checkpoint may store them fused
+    fused.load(whole)
+    bound = 4 * 2 ** -8 * (x.abs() @ whole.dequantize().abs().T)  # the int4 kernel's bfloat16 rounding
+    assert fused.weight is None and ((fused(x) - expected).abs() <= bound).all()
+    split = Linear(64, 64, bias=False, shard_sizes=(32, 16, 16))
+    for shard, index in enumerate((torch.arange(0, 32), torch.arange(32, 48), torch.arange(48, 64))):
+        split.load(q8_0().take_rows(index), shard)
+    assert len(split.quantized) == 1 and torch.equal(split(x), fused(x))
+
+
 def test_a_model_class_without_quantized_layers_runs_a_gguf_expanded_and_refuses_a_quantization(tmp_path):
     from tokenmill.loader import ModelSource, resolve_quantization
     from tokenmill.model_base import Model

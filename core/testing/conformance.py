@@ -275,6 +275,64 @@ def model_uses_paged_cache(cls) -> None:
     torch.testing.assert_close(last[0], whole[-1], atol=2e-4, rtol=1e-3)
 
 
+def _relative_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt())
+
+
+def model_runs_quantized(cls) -> None:
+    """A class that declares ``quantized_weights`` takes ``QuantizedWeight`` tensors in
+    ``load_weights`` and quantizes at load: with every 2-D weight as a GGUF Q8_0 ``GGUFWeight``, and
+    with fp8 weights, its layers hold the quantized form and its logits stay near the fp32 ones."""
+    import numpy as np
+    import transformers
+    from gguf import GGMLQuantizationType, quants
+
+    from ..layers import Linear
+    from ..loader import _quantize_fp8
+    from ..quantization.fp8 import Fp8Weight
+    from ..quantization.gguf import GGUFWeight
+
+    if not cls.quantized_weights:
+        pytest.skip(f"{cls.__name__} does not declare quantized_weights: GGUF files run expanded")
+    hf_config = cls.example_config()
+    arch = hf_config.architectures[0] if getattr(hf_config, "architectures", None) else cls.architectures[0]
+    if not hasattr(transformers, arch):
+        pytest.skip(f"transformers has no {arch} to take weights from")
+    torch.manual_seed(0)
+    hf_model = getattr(transformers, arch)(hf_config).float().eval()
+    for p in hf_model.parameters():
+        p.data.normal_(0, 0.05)
+    state = hf_model.state_dict()
+
+    def q8_0(tensor: torch.Tensor):
+        if tensor.dim() != 2 or tensor.shape[1] % 32:
+            return tensor
+        rows = quants.quantize(tensor.float().numpy(), GGMLQuantizationType.Q8_0)
+        data = torch.from_numpy(np.ascontiguousarray(rows).view(np.uint8).reshape(tensor.shape[0], -1))
+        return GGUFWeight(GGMLQuantizationType.Q8_0, data, tensor.shape[1])
+
+    ids = torch.randint(0, hf_config.vocab_size, (11,), generator=torch.Generator().manual_seed(3))
+
+    def logits(model) -> torch.Tensor:
+        with torch.inference_mode():
+            return model.compute_logits(model(ids, torch.arange(11), make_attention_metadata([11], [11], [[3]], 16)))
+
+    reference, _ = _tiny_model(cls, hf_config)
+    reference.load_weights(state.items())
+    expected = logits(reference)
+    for name, load, kind, bound in (("GGUF Q8_0", lambda m: m.load_weights((k, q8_0(v)) for k, v in state.items()),
+                                     GGUFWeight, 0.02),
+                                    ("fp8", lambda m: (m.load_weights(state.items()), _quantize_fp8(m)),
+                                     Fp8Weight, 0.1)):
+        model, _ = _tiny_model(cls, hf_config)
+        load(model)
+        held = [w for m in model.modules() if isinstance(m, Linear) and m.quantized for w in m.quantized]
+        assert held and all(isinstance(w, kind) for w in held), \
+            f"with {name} weights the tokenmill.layers.Linear layers of {cls.__name__} hold {held[:3]}"
+        error = _relative_rms(logits(model), expected)
+        assert error < bound, f"{name} weights move the logits by {error:.1%} RMS (bound {bound:.0%})"
+
+
 # ---------------------------------------------------------------- options (every kind)
 
 
@@ -297,5 +355,5 @@ CHECKS: dict[str, list[Callable]] = {
                         attention_honours_window_and_soft_cap, options_are_validated],
     DRAFTER: [drafter_respects_bounds, drafter_is_deterministic, drafter_accepts_numpy, options_are_validated],
     GUIDED_DECODER: [guided_choice_contract, guided_rejects_what_it_cannot_honour, options_are_validated],
-    MODEL: [model_matches_transformers, model_uses_paged_cache, options_are_validated],
+    MODEL: [model_matches_transformers, model_uses_paged_cache, model_runs_quantized, options_are_validated],
 }
