@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .sampling_metadata import LOGPROBS_MODE_ALIASES, LogprobsMode
@@ -99,6 +99,22 @@ class SchedulerConfig(_Section):
     max_num_queued_requests: int | None = Field(default=None, ge=1)
 
 
+class ParallelConfig(_Section):
+    """How the model spreads over devices (vLLM's names): ``tensor_parallel_size`` ranks, each holding a
+    shard of every layer, run by ``distributed_executor_backend``: "uni" (this process; only size 1),
+    "mp" (one worker process per rank on this machine) or "ray" (one Ray actor per rank, on the cluster
+    ``ray.init`` reaches, else a local one). None: "uni" at size 1, "mp" above."""
+
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    distributed_executor_backend: Literal["uni", "mp", "ray"] | None = None
+
+    @property
+    def executor(self) -> str:
+        if self.distributed_executor_backend is not None:
+            return self.distributed_executor_backend
+        return "uni" if self.tensor_parallel_size == 1 else "mp"
+
+
 class _ComponentSection(BaseModel):
     """A section that selects a component: the keys core owns are fields, every other key
     is the component's own option, validated by its ``Options`` when the engine builds it."""
@@ -151,6 +167,7 @@ class EngineConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     speculative: SpeculativeConfig | None = None
     structured_outputs: StructuredOutputsConfig = Field(default_factory=StructuredOutputsConfig)
     attention_backend: str | None = None
@@ -166,6 +183,14 @@ class EngineConfig(_Section):
         if base not in ("auto", "cpu", "cuda") or (index and not (base == "cuda" and index.isdigit())):
             raise ValueError(f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _uni_runs_one_rank(self) -> EngineConfig:
+        parallel = self.parallel
+        if parallel.distributed_executor_backend == "uni" and parallel.tensor_parallel_size > 1:
+            raise ValueError(f"distributed_executor_backend: 'uni' runs one rank in this process, got "
+                             f"tensor_parallel_size={parallel.tensor_parallel_size}; use 'mp' or 'ray'")
+        return self
 
     @classmethod
     def build(cls, source: Mapping[str, Any] | str | Path | None = None, **options: Any) -> EngineConfig:
@@ -184,11 +209,12 @@ _FLAT: dict[str, tuple[str | None, str]] = {
     **{f: ("model", f) for f in ModelConfig.model_fields},
     **{f: ("cache", f) for f in CacheConfig.model_fields},
     **{f: ("scheduler", f) for f in SchedulerConfig.model_fields},
+    **{f: ("parallel", f) for f in ParallelConfig.model_fields},
     "speculative_config": (None, "speculative"),
     "structured_outputs_config": (None, "structured_outputs"),
     **{f: (None, f) for f in ("attention_backend", "attention_config", "device", "seed", "plugin_errors")},
 }
-_SECTIONS = ("model", "cache", "scheduler", "speculative", "structured_outputs")
+_SECTIONS = ("model", "cache", "scheduler", "parallel", "speculative", "structured_outputs")
 _DEPRECATED = {
     "best_of": "best_of is deprecated in V1; use n and pick among the outputs",
     "swap_space": "KV cache swapping is deprecated in V1; preempted requests are recomputed",

@@ -51,6 +51,11 @@ class LLM:
     def get_stats(self) -> dict[str, Any]:
         return self.engine.get_stats()
 
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes or actors now (they also stop when the LLM is collected
+        and at exit)."""
+        self.engine.shutdown()
+
     def get_default_sampling_params(self) -> SamplingParams:
         """What a prompt gets when no sampling params are given: the model's
         generation_config.json defaults (see ``generation_config``), else SamplingParams()."""

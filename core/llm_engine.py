@@ -63,3 +63,7 @@ class LLMEngine:
 
     def get_stats(self) -> dict[str, Any]:
         return self.core.stats()
+
+    def shutdown(self) -> None:
+        """Stop the engine's workers (tensor_parallel_size > 1); idempotent."""
+        self.core.shutdown()

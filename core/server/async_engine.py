@@ -193,6 +193,9 @@ class AsyncEngine:
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
         self._tokenizer_pool.shutdown()
+        shutdown = getattr(self.engine, "shutdown", None)
+        if shutdown is not None:  # the engine's worker processes, if it has any
+            shutdown()
 
     def _check_admitting(self) -> None:
         if self.error is not None:
