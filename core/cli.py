@@ -42,7 +42,8 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for name in ("model", "dtype", "max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens",
                  "attention_backend", "device", "seed", "load_format", "num_gpu_blocks_override",
-                 "gpu_memory_utilization", "generation_config", "kv_cache_dtype"):
+                 "gpu_memory_utilization", "generation_config", "kv_cache_dtype", "quantization",
+                 "tensor_parallel_size", "distributed_executor_backend"):
         value = getattr(args, name)
         if value is not None:
             options[name] = value
@@ -157,6 +158,11 @@ def _add_engine_arguments(parser: argparse.ArgumentParser, sampling: bool = True
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: every step runs eagerly")
     g.add_argument("--gpu-memory-utilization", type=float)
     g.add_argument("--kv-cache-dtype", help="'auto' (the model's dtype), 'fp8' (= 'fp8_e4m3') or 'fp8_e5m2'")
+    g.add_argument("--quantization", help="unset: a .gguf keeps its block formats; 'fp8' quantizes a float "
+                   "checkpoint at load; 'none' expands a .gguf to the dtype")
+    g.add_argument("-tp", "--tensor-parallel-size", type=int, help="ranks that each hold a shard of every layer")
+    g.add_argument("--distributed-executor-backend", choices=["uni", "mp", "ray"],
+                   help="'uni' (this process, size 1), 'mp' (a process per rank; the default above 1), 'ray'")
     g.add_argument("--speculative-config", help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
     g.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                    help="any other engine option (value parsed as JSON when it can be)")

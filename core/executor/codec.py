@@ -113,23 +113,30 @@ def unpack(frame: bytes) -> Any:
 
 class Channel:
     """Frames over a ``multiprocessing.connection.Connection``; ``send`` is thread-safe (a worker's
-    heartbeat thread shares it). ``tap``, when set, sees every frame sent (the transport test)."""
+    heartbeat thread shares it). ``tap``, when set, sees every frame this process sends or receives,
+    as ``tap("sent" | "received", frame)`` (the transport test)."""
 
-    tap: Callable[[bytes], None] | None = None
+    tap: Callable[[str, bytes], None] | None = None
 
     def __init__(self, connection: Any) -> None:
         self.connection = connection
         self._lock = threading.Lock()
 
     def send(self, value: Any) -> None:
-        frame = pack(value)
+        self.send_frame(pack(value))
+
+    def send_frame(self, frame: bytes) -> None:
+        """Send an already packed frame (one step's output packed once for every worker)."""
         if Channel.tap is not None:
-            Channel.tap(frame)
+            Channel.tap("sent", frame)
         with self._lock:
             self.connection.send_bytes(frame)
 
     def recv(self) -> Any:
-        return unpack(self.connection.recv_bytes())
+        frame = self.connection.recv_bytes()
+        if Channel.tap is not None:
+            Channel.tap("received", frame)
+        return unpack(frame)
 
     def poll(self, timeout: float) -> bool:
         return self.connection.poll(timeout)

@@ -120,10 +120,7 @@ class WorkerGroupExecutor(Executor):
     def _broadcast(self, frame: bytes) -> None:
         for rank, channel in enumerate(self.channels):
             try:
-                if Channel.tap is not None:
-                    Channel.tap(frame)
-                with channel._lock:
-                    channel.connection.send_bytes(frame)
+                channel.send_frame(frame)
             except OSError as exc:
                 self._die(f"worker {rank} is gone: {exc!r}")
 
