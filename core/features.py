@@ -94,6 +94,7 @@ def feature_matrix(registry: ComponentSource) -> dict[str, Any]:
         _attention_choice(available[ATTENTION_BACKEND]),
         _kv_cache_dtypes(available[ATTENTION_BACKEND]),
         _quantization(),
+        _tensor_parallel(available[MODEL]),
         _listing("model_architectures", sorted(available[MODEL]), "no model class registered"),
         {"feature": "unsupported_model_kinds", "status": "refused" if refused_models else "none",
          "detail": "; ".join(f"{', '.join(names)}: {reason}" for reason, names in reasons.items())},
@@ -145,6 +146,19 @@ def _quantization() -> dict[str, str]:
                       f"load, e4m3 with a scale per output channel; "
                       f"{'torch._scaled_mm on this GPU' if native_fp8 else 'emulated here: no sm_89+ GPU'}); "
                       "none (a .gguf file expanded to the model dtype)"}
+
+
+def _tensor_parallel(models: dict[str, type]) -> dict[str, str]:
+    """Tensor parallelism: the executors this installation can run and the models that split."""
+    import importlib.util
+
+    ray = "ray" if importlib.util.find_spec("ray") is not None else "ray (not installed: pip install 'tokenmill[ray]')"
+    split = sorted(name for name, cls in models.items() if getattr(cls, "supports_tensor_parallel", False))
+    devices = torch.cuda.device_count()
+    return {"feature": "tensor_parallel", "status": "supported" if split else "unavailable",
+            "detail": f"tensor_parallel_size N with distributed_executor_backend uni (N = 1), mp, {ray}; "
+                      f"gloo on CPU, NCCL on CUDA ({devices} CUDA device{'s' if devices != 1 else ''} here); "
+                      f"models that split: {', '.join(split) or 'none'}"}
 
 
 def _kv_cache_dtypes(backends: dict[str, type]) -> dict[str, str]:

@@ -186,3 +186,8 @@ def test_the_server_answers_503_and_fails_health_when_a_worker_dies(tmp_path):
             client.completions.create(model="tiny", prompt="w3", max_tokens=2)
         assert raised.value.status_code == 503
     assert engine.core.executor.processes[0].poll() is not None
+
+
+def test_an_option_a_worker_cannot_honour_is_a_config_error_not_a_dead_engine(checkpoint):
+    with pytest.raises(ConfigError, match="the KV cache has 4 blocks"):
+        mp_llm(checkpoint, num_gpu_blocks_override=4)

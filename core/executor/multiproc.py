@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..config import EngineConfig
+from ..errors import ConfigError
 from ..step import ModelRunnerOutput, SchedulerOutput
 from ..worker import ModelPlan
 from . import EngineDeadError, Executor
@@ -112,9 +113,10 @@ class WorkerGroupExecutor(Executor):
             hello = item.recv()
             self.channels[hello["rank"]] = item
         threads = max(1, torch.get_num_threads() // self.size)
+        store = self._store()
         for rank, channel in enumerate(self.channels):
             channel.send({"op": "init", "config": config.model_dump(mode="json"), "size": self.size,
-                          "store": self._store(), "device": self._device(plan, rank), "num_threads": threads,
+                          "store": store, "device": self._device(plan, rank), "num_threads": threads,
                           "bos": bos, "eos": eos, "timeout_s": COLLECTIVE_TIMEOUT_S})
 
     def _broadcast(self, frame: bytes) -> None:
@@ -143,6 +145,9 @@ class WorkerGroupExecutor(Executor):
                     self._die(f"worker {rank} closed its connection (it exited)")
                 heard[rank] = now
                 if message["op"] == "error":
+                    if message.get("config_error"):
+                        self.shutdown()
+                        raise ConfigError(message["config_error"])
                     self._die(f"worker failed: {message['message']}")
                 if message["op"] == op:
                     replies[rank] = message

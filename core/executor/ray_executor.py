@@ -60,7 +60,7 @@ class RayExecutor(WorkerGroupExecutor):
     def _launch(self, address: Any, authkey: bytes) -> None:
         ray = _ray()
         import torch
-        on_cuda = torch.cuda.is_available() and self._wants_cuda
+        on_cuda = torch.cuda.is_available() and self._on_cuda
         env = {"GLOO_SOCKET_IFNAME": "lo"} if self._local and "GLOO_SOCKET_IFNAME" not in os.environ else {}
         actor = ray.remote(num_cpus=0, num_gpus=1 if on_cuda else 0,
                            runtime_env={"env_vars": env} if env else None)(_RayWorker)
@@ -78,10 +78,6 @@ class RayExecutor(WorkerGroupExecutor):
             except Exception:  # noqa: BLE001 - already gone
                 pass
 
-    @property
-    def _wants_cuda(self) -> bool:
-        return getattr(self, "_plan_device", "cpu") == "cuda"
-
     def __init__(self, config, plan, **ids) -> None:
-        self._plan_device = plan.device.type
+        self._on_cuda = plan.device.type == "cuda"  # read by _launch, which the base __init__ calls
         super().__init__(config, plan, **ids)

@@ -16,7 +16,8 @@ The conversation (frames of ``codec``):
     driver -> worker  {"op": "shutdown"}
 
 and from a thread, every ``HEARTBEAT_S``, {"op": "heartbeat"}; a failure is {"op": "error", "message"}
-and the worker exits. A worker whose driver is gone (a send fails, the connection closes) exits.
+(with "config_error" when an option cannot be honoured: the driver raises it as a ConfigError) and
+the worker exits. A worker whose driver is gone (a send fails, the connection closes) exits.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ def serve(address: Any, authkey: bytes, rank: int) -> None:
 
     from ..config import EngineConfig
     from ..distributed import init_tensor_parallel
+    from ..errors import ConfigError
     from ..registry import Registry, get_registry
     from ..worker import Worker, plan_model
     from .codec import Channel
@@ -79,6 +81,12 @@ def serve(address: Any, authkey: bytes, rank: int) -> None:
             channel.send({"op": "output", "output": output if rank == 0 else None})
     except (EOFError, ConnectionError):
         pass  # the driver is gone
+    except ConfigError as exc:  # an option this rank cannot honour (its memory, say): the user's to fix
+        try:
+            channel.send({"op": "error", "message": f"rank {rank}: {exc}", "config_error": str(exc)})
+        except OSError:
+            pass
+        raise
     except BaseException:  # noqa: BLE001 - everything goes back to the driver, which ends the engine
         try:
             channel.send({"op": "error", "message": f"rank {rank}: {traceback.format_exc()}"})
