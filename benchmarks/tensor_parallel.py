@@ -31,8 +31,8 @@ SHAPES.setdefault("llama-110m", dict(hidden_size=768, intermediate_size=2048, nu
 def run(path: str, size: int, backend: str, args: argparse.Namespace, prompts: list[list[int]]) -> dict:
     from tokenmill import LLM, SamplingParams
 
-    options = dict(load_format="dummy" if args.dummy else "auto", device=args.device, tensor_parallel_size=size, max_model_len=1024,
-                   enable_prefix_caching=False, seed=0)
+    options = dict(load_format="dummy" if args.dummy else "auto", device=args.device, tensor_parallel_size=size,
+                   max_model_len=1024, enable_prefix_caching=False, seed=0)
     if size > 1 or backend != "uni":
         options["distributed_executor_backend"] = backend
     if args.device == "cpu":
