@@ -139,3 +139,25 @@ def test_size_2_on_ray_actors_gives_size_1_tokens(llama):
                                                                                               use_tqdm=False))
     finally:
         parallel.shutdown()
+
+
+def test_killing_one_rank_mid_generation_ends_generate_within_a_minute_and_reaps_the_other(llama):
+    import os
+    import signal
+    import threading
+    import time
+
+    from tokenmill.executor import EngineDeadError
+
+    parallel = LLM(llama, **TINY_ENGINE_OPTIONS, tensor_parallel_size=2)
+    processes = parallel.engine.core.executor.processes
+    timer = threading.Timer(1.0, os.kill, (processes[1].pid, signal.SIGKILL))  # rank 0 is then stuck in a collective
+    params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+    began = time.monotonic()
+    timer.start()
+    with pytest.raises(EngineDeadError, match="worker 1"):
+        for _ in range(100):
+            parallel.generate(token_prompts(random_prompts([20] * 8, seed=4)), params, use_tqdm=False)
+    timer.cancel()
+    assert time.monotonic() - began < 60
+    assert all(p.poll() is not None for p in processes)
