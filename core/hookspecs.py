@@ -85,7 +85,10 @@ def tokenmill_register_models(register):
         ``Embedding``), passes each checkpoint tensor to ``layer.load`` (a
         tensor or a ``tokenmill.quantization.QuantizedWeight``) and sets
         ``quantized_weights = True`` runs quantized: GGUF block formats kept,
-        fp8 weights. A class that inherits
+        fp8 weights. A class whose layers use ``parallel=`` ("column", "row",
+        "vocab"; built under ``tokenmill.distributed.get_tensor_parallel()``)
+        and sets ``supports_tensor_parallel = True`` runs at any
+        ``tensor_parallel_size`` that divides its heads. A class that inherits
         ``SupportsV0Only`` is listed as refused: loading a checkpoint of that
         architecture fails with its ``v0_only_reason``.
     """

@@ -81,6 +81,12 @@ class Model(torch.nn.Module, Component):
     # tensor: then the ``quantization`` options apply (GGUF block formats kept, fp8). False: a GGUF
     # file is expanded to the model dtype, and asking for a quantization is a ConfigError.
     quantized_weights: ClassVar[bool] = False
+    # True when an instance built under ``tokenmill.distributed.tensor_parallel`` (size N) is one rank's
+    # shard: it computes ``TensorParallel.local_heads`` of the config's heads (the engine builds its
+    # attention backend and KV cache with those), ``load_weights`` takes whole checkpoint tensors and
+    # keeps the rank's part, its collectives run in ``forward``, and ``compute_logits`` returns all the
+    # logits on every rank. False: the engine refuses tensor_parallel_size > 1 for the class.
+    supports_tensor_parallel: ClassVar[bool] = False
 
     def __init__(self, hf_config: Any, attention: AttentionBackend) -> None:
         torch.nn.Module.__init__(self)
@@ -95,7 +101,8 @@ class Model(torch.nn.Module, Component):
     @classmethod
     def capabilities(cls) -> dict[str, Any]:
         return {"architectures": list(cls.architectures), "gguf": sorted(cls.gguf_names) or "no",
-                "quantized_weights": cls.quantized_weights, **cls.features}
+                "quantized_weights": cls.quantized_weights, "supports_tensor_parallel": cls.supports_tensor_parallel,
+                **cls.features}
 
     @classmethod
     def kv_cache_spec(cls, hf_config: Any) -> KVCacheSpec:

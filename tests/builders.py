@@ -396,3 +396,35 @@ def write_llama_cpp_gguf(path, arch: str, hf_model: transformers.PreTrainedModel
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def gguf_weight(tensor: torch.Tensor, qtype=None):
+    """A float tensor [rows, K] as a kept ``GGUFWeight`` of ``qtype`` (default Q8_0), as the loader yields
+    a quantized GGUF tensor."""
+    from gguf import GGMLQuantizationType
+
+    from tokenmill.quantization.gguf import GGUFWeight
+
+    qtype = GGMLQuantizationType.Q8_0 if qtype is None else qtype
+    data = torch.from_numpy(quantize_gguf(tensor.detach().float().numpy(), qtype))
+    return GGUFWeight(qtype, data, tensor.shape[1])
+
+
+def paged_steps_logits(model, caches: list[torch.Tensor], vocab_size: int, block_size: int = 16) -> torch.Tensor:
+    """The logits of every token of three steps of two requests through the paged KV cache, [33, vocab]:
+    a 21-token prompt in chunks of 13 and 8 then one decode step, next to a 9-token prompt then two
+    decode steps. ``caches`` (zeroed here) must hold 6 blocks of ``block_size`` >= 16."""
+    from tokenmill.testing.builders import make_attention_metadata
+
+    generator = torch.Generator().manual_seed(5)
+    a, b = (torch.randint(len(SPECIAL_TOKENS), vocab_size, (n,), generator=generator) for n in (22, 11))
+    tables = [[3, 0], [5]]
+    for cache in caches:
+        cache.zero_()
+    logits = []
+    with torch.inference_mode():
+        for (a0, a1), (b0, b1) in (((0, 13), (0, 9)), ((13, 21), (9, 10)), ((21, 22), (10, 11))):
+            md = make_attention_metadata([a1 - a0, b1 - b0], [a1, b1], tables, block_size)
+            ids, positions = torch.cat([a[a0:a1], b[b0:b1]]), torch.cat([torch.arange(a0, a1), torch.arange(b0, b1)])
+            logits.append(model.compute_logits(model(ids, positions, md)))
+    return torch.cat(logits)

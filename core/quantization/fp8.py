@@ -66,5 +66,14 @@ class Fp8Weight:
         data, scale = (self.data, self.scale) if rows is None else (self.data[rows], self.scale[rows])
         return data.float() * scale[..., None]
 
+    def take_rows(self, index: torch.Tensor) -> Fp8Weight:
+        """The weight made of rows ``index`` (int64 [n]), each with its own scale."""
+        index = index.to(self.data.device)
+        return Fp8Weight(self.data[index], self.scale[index])
+
+    def take_columns(self, start: int, stop: int) -> Fp8Weight:
+        """Input columns ``start:stop``; the scales stay those of the whole rows, so the values are unchanged."""
+        return Fp8Weight(self.data[:, start:stop].contiguous(), self.scale)
+
     def to(self, device: torch.device) -> Fp8Weight:
         return Fp8Weight(self.data.to(device), self.scale.to(device))

@@ -420,6 +420,20 @@ class GGUFWeight:
         """The weight made of rows ``index`` (int64 [n]) in that order: a row selection or permutation."""
         return GGUFWeight(self.qtype, self._raw("take_rows")[index.to(self.device)], self.in_features)
 
+    def take_columns(self, start: int, stop: int) -> GGUFWeight:
+        """The weight's input columns ``start:stop`` (a row-parallel rank's part): whole blocks of every row,
+        so both ends must fall on block boundaries."""
+        fmt = block_format(self.qtype)
+        if not 0 <= start < stop <= self.in_features:
+            raise ValueError(f"columns {start}:{stop} are not a range within the {self.in_features} inputs of {self!r}")
+        if start % fmt.block_size or stop % fmt.block_size:
+            raise ValueError(f"a {fmt.qtype.name} weight is cut into input columns only at its blocks of "
+                             f"{fmt.block_size} weights; columns {start}:{stop} of its {self.in_features} inputs "
+                             f"are not (is tensor_parallel_size too large for this layer in this format?)")
+        per_block = fmt.type_size
+        data = self._raw("take_columns")[:, start // fmt.block_size * per_block: stop // fmt.block_size * per_block]
+        return GGUFWeight(self.qtype, data, stop - start)
+
     @staticmethod
     def cat(weights: list[GGUFWeight]) -> GGUFWeight:
         """The weights' rows one after another (a fused qkv or gate_up projection); one format and width."""

@@ -15,7 +15,9 @@ Attention backends are compared with the ``torch`` reference on random paged
 inputs (plain, with a sliding window, with a logits soft cap); drafters are
 checked against their output bounds and determinism; guided decoders against
 the accept/rollback/bitmask contract; model classes against transformers (when
-it has the architecture) and against their own paged-cache consistency.
+it has the architecture), against their own paged-cache consistency, with GGUF
+Q8_0 and fp8 weights (``quantized_weights``) and at tensor_parallel_size 2 in two
+gloo processes against size 1 (``supports_tensor_parallel``).
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ pytest plugin in ``tokenmill.testing`` turns them into test items.
 """
 from __future__ import annotations
 
+import importlib
 import random
 from collections.abc import Callable
 
@@ -14,8 +15,10 @@ import torch
 from pydantic import BaseModel
 
 from ..components import ATTENTION_BACKEND, DRAFTER, GUIDED_DECODER, MODEL
+from ..distributed import TensorParallel, get_tensor_parallel
 from ..errors import ConfigError
 from .builders import make_attention_metadata, shuffled_block_tables
+from .tensor_parallel import start_ranks
 
 # (dtype, absolute tolerance, relative tolerance) for attention outputs against the fp32 reference
 ATTENTION_TOLERANCES = {torch.float32: (2e-5, 1e-4), torch.float16: (2e-3, 1e-2), torch.bfloat16: (1.5e-2, 2e-2)}
@@ -217,31 +220,42 @@ def guided_rejects_what_it_cannot_honour(cls) -> None:
 
 
 def _tiny_model(cls, hf_config):
+    """An fp32 CPU instance on the torch backend, with 16 cache blocks of 16; under tensor parallelism this
+    rank's shard, its backend and caches built with the rank's heads (``TensorParallel.local_heads``)."""
     from tokenmill.plugins.attention.torch_backend import TorchAttentionBackend
 
     spec = cls.kv_cache_spec(hf_config)
-    attention = TorchAttentionBackend(num_heads=hf_config.num_attention_heads, num_kv_heads=spec.num_kv_heads,
+    num_heads, num_kv_heads = get_tensor_parallel().local_heads(hf_config.num_attention_heads, spec.num_kv_heads)
+    attention = TorchAttentionBackend(num_heads=num_heads, num_kv_heads=num_kv_heads,
                                       head_size=spec.head_size, dtype=torch.float32, device="cpu")
     model = cls(hf_config, attention).float().eval()
-    caches = [torch.zeros(attention.kv_cache_shape(16, 16, spec.num_kv_heads, spec.head_size))
+    caches = [torch.zeros(attention.kv_cache_shape(16, 16, num_kv_heads, spec.head_size))
               for _ in range(spec.num_layers)]
     model.bind_kv_caches(caches)
     return model, caches
 
 
-def model_matches_transformers(cls) -> None:
-    """Load the weights of the transformers implementation of the same config;
-    logits of a prompt equal transformers' (fp32)."""
+def _hf_twin(cls, purpose: str = "compare against"):
+    """The class's ``example_config()`` and a transformers model of it with weights N(0, 0.05), seed 0;
+    skips when transformers has no such class."""
     import transformers
 
     hf_config = cls.example_config()
     arch = hf_config.architectures[0] if getattr(hf_config, "architectures", None) else cls.architectures[0]
     if not hasattr(transformers, arch):
-        pytest.skip(f"transformers has no {arch} to compare against")
+        pytest.skip(f"transformers has no {arch} to {purpose}")
     torch.manual_seed(0)
     hf_model = getattr(transformers, arch)(hf_config).float().eval()
     for p in hf_model.parameters():
         p.data.normal_(0, 0.05)
+    return hf_config, hf_model
+
+
+def model_matches_transformers(cls) -> None:
+    """Load the weights of the transformers implementation of the same config;
+    logits of a prompt equal transformers' (fp32)."""
+
+    hf_config, hf_model = _hf_twin(cls)
     model, _ = _tiny_model(cls, hf_config)
     loaded = model.load_weights(hf_model.state_dict().items())
     assert loaded, f"{cls.__name__}.load_weights loaded nothing"
@@ -284,7 +298,6 @@ def model_runs_quantized(cls) -> None:
     ``load_weights`` and quantizes at load: with every 2-D weight as a GGUF Q8_0 ``GGUFWeight``, and
     with fp8 weights, its layers hold the quantized form and its logits stay near the fp32 ones."""
     import numpy as np
-    import transformers
     from gguf import GGMLQuantizationType, quants
 
     from ..layers import Linear
@@ -294,14 +307,7 @@ def model_runs_quantized(cls) -> None:
 
     if not cls.quantized_weights:
         pytest.skip(f"{cls.__name__} does not declare quantized_weights: GGUF files run expanded")
-    hf_config = cls.example_config()
-    arch = hf_config.architectures[0] if getattr(hf_config, "architectures", None) else cls.architectures[0]
-    if not hasattr(transformers, arch):
-        pytest.skip(f"transformers has no {arch} to take weights from")
-    torch.manual_seed(0)
-    hf_model = getattr(transformers, arch)(hf_config).float().eval()
-    for p in hf_model.parameters():
-        p.data.normal_(0, 0.05)
+    hf_config, hf_model = _hf_twin(cls, "take weights from")
     state = hf_model.state_dict()
 
     def q8_0(tensor: torch.Tensor):
@@ -333,6 +339,47 @@ def model_runs_quantized(cls) -> None:
         assert error < bound, f"{name} weights move the logits by {error:.1%} RMS (bound {bound:.0%})"
 
 
+def model_runs_tensor_parallel(cls) -> None:
+    """A class that declares ``supports_tensor_parallel``, built and loaded on the two ranks of a gloo
+    group (two processes, as the engine's workers), gives every rank the logits it gives at size 1: a
+    prefill, then a decode step over the cache the ranks split. The processes import the class by its
+    module and qualified name, as a worker does."""
+
+    if not cls.supports_tensor_parallel:
+        pytest.skip(f"{cls.__name__} does not declare supports_tensor_parallel: the engine runs it at size 1 only")
+    hf_config = cls.example_config()
+    try:
+        TensorParallel(0, 2).local_heads(hf_config.num_attention_heads, cls.kv_cache_spec(hf_config).num_kv_heads)
+    except ValueError as error:
+        pytest.skip(f"{cls.__name__}.example_config() does not split in two: {error}")
+    hf_config, hf_model = _hf_twin(cls, "take weights from")
+    state = dict(hf_model.state_dict())
+    ranks = start_ranks(_tensor_parallel_logits, 2, cls.__module__, cls.__qualname__, hf_config, state)
+    expected = _tensor_parallel_logits(cls.__module__, cls.__qualname__, hf_config, state)
+    results = ranks.results()
+    for rank, logits in enumerate(results):
+        assert logits.shape == expected.shape and logits.dtype == torch.float32, \
+            f"rank {rank} of 2: compute_logits gave {tuple(logits.shape)} {logits.dtype}, expected " \
+            f"{tuple(expected.shape)} float32 (every rank returns the whole vocabulary)"
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-3,
+                                   msg=lambda m: f"rank {rank} of 2 differs from size 1: {m}")
+    assert torch.equal(results[0], results[1]), "the two ranks' logits differ: they would sample different tokens"
+
+
+def _tensor_parallel_logits(module: str, qualname: str, hf_config, state: dict) -> torch.Tensor:
+    """The logits of an 11-token prefill and one decode step, on this rank (size 1 outside a group)."""
+    cls = importlib.import_module(module)
+    for name in qualname.split("."):
+        cls = getattr(cls, name)
+    model, _ = _tiny_model(cls, hf_config)
+    model.load_weights(state.items())
+    ids = torch.randint(0, hf_config.vocab_size, (12,), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        prefill = model(ids[:11], torch.arange(11), make_attention_metadata([11], [11], [[3]], 16))
+        decode = model(ids[11:], torch.tensor([11]), make_attention_metadata([1], [12], [[3]], 16))
+        return model.compute_logits(torch.cat([prefill, decode]))
+
+
 # ---------------------------------------------------------------- options (every kind)
 
 
@@ -355,5 +402,6 @@ CHECKS: dict[str, list[Callable]] = {
                         attention_honours_window_and_soft_cap, options_are_validated],
     DRAFTER: [drafter_respects_bounds, drafter_is_deterministic, drafter_accepts_numpy, options_are_validated],
     GUIDED_DECODER: [guided_choice_contract, guided_rejects_what_it_cannot_honour, options_are_validated],
-    MODEL: [model_matches_transformers, model_uses_paged_cache, model_runs_quantized, options_are_validated],
+    MODEL: [model_matches_transformers, model_uses_paged_cache, model_runs_quantized, model_runs_tensor_parallel,
+            options_are_validated],
 }

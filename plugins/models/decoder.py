@@ -9,6 +9,12 @@ A family is a subclass that says how its config maps onto the skeleton (``decode
 block layout, the norm, the MLP, each layer's attention (scale, biases, qk-norm, sliding window,
 soft cap, which rotary embedding) and the rope parameters. ``load_weights`` takes the
 HuggingFace checkpoint names and fills the fused q/k/v and gate/up shards.
+
+Every family runs tensor-parallel (``supports_tensor_parallel``): built under a ``TensorParallel`` of
+size N, the model is one rank's shard (``layers``: heads, MLP columns and vocabulary split), its
+attention backend computes ``TensorParallel.local_heads`` of the config's heads, ``load_weights`` takes
+the whole checkpoint tensors and keeps the rank's part, and ``compute_logits`` gives every rank all
+the logits.
 """
 from __future__ import annotations
 
@@ -22,11 +28,12 @@ import torch
 from torch import nn
 
 from tokenmill import AttentionBackend, AttentionMetadata, Model
+from tokenmill.distributed import get_tensor_parallel
 from tokenmill.layers import Embedding, Linear
 from tokenmill.model_base import KVCacheSpec
 from tokenmill.quantization import QuantizedWeight
 
-from .layers import Attention, AttentionSpec, BlockParts, GatedMLP
+from .layers import Attention, AttentionSpec, BlockParts, GatedMLP, RMSNorm
 from .rope import ROPE_TYPES, RotaryEmbedding
 
 # HuggingFace projection -> (fused parameter, shard index within it)
@@ -119,6 +126,7 @@ class DecoderForCausalLM(Model):
 
     features = decoder_features()
     quantized_weights = True
+    supports_tensor_parallel = True
 
     @classmethod
     @abstractmethod
@@ -141,32 +149,32 @@ class DecoderForCausalLM(Model):
         config = hf_config
         spec = self.decoder_spec(config)
         cache = self.kv_cache_spec(config)
-        expected = (config.num_attention_heads, cache.num_kv_heads, cache.head_size)
+        tp = get_tensor_parallel()
+        expected = (*tp.local_heads(config.num_attention_heads, cache.num_kv_heads), cache.head_size)
         if (attention.num_heads, attention.num_kv_heads, attention.head_size) != expected:
+            ranks = f" on each of {tp.size} tensor-parallel ranks" if tp.size > 1 else ""
             raise ValueError(f"attention backend has (num_heads, num_kv_heads, head_size) = "
                              f"{(attention.num_heads, attention.num_kv_heads, attention.head_size)}, "
-                             f"the config needs {expected}")
+                             f"the config needs {expected}{ranks}")
         if len(spec.layers) != config.num_hidden_layers:
             raise ValueError(f"{type(self).__name__}.decoder_spec gave {len(spec.layers)} layers, the config "
                              f"has num_hidden_layers={config.num_hidden_layers}")
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, parallel="vocab")
         # a buffer in the model dtype: transformers rounds Gemma's sqrt(hidden) to it too
         self.register_buffer("embed_scale", None if spec.embed_scale == 1.0 else torch.tensor(spec.embed_scale),
                              persistent=False)
-        self.layers = nn.ModuleList(spec.block(spec.parts, Attention(config.hidden_size, attention, layer,
-                                                                     spec.parts.norm))
-                                    for layer in spec.layers)
+        self.layers = nn.ModuleList(
+            spec.block(spec.parts, Attention(config.hidden_size, attention, layer, spec.parts.norm,
+                                             num_heads=config.num_attention_heads, num_kv_heads=cache.num_kv_heads))
+            for layer in spec.layers)
         self.norm = spec.parts.norm(config.hidden_size)
         self.lm_head = None if self.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
-                                                                       bias=False, logits=True)
+                                                                       bias=False, logits=True, parallel="vocab")
         self.rotary = nn.ModuleDict({key: RotaryEmbedding(params, cache.head_size, config.max_position_embeddings)
                                      for key, params in spec.rope.items()})
         self._needs_seq_lens = any(rotary.is_length_dependent for rotary in self.rotary.values())
         self.logits_divisor, self.final_logit_soft_cap = spec.logits_divisor, spec.final_logit_soft_cap
-        attn = self.layers[0].self_attn
-        self._shard_sizes = {"qkv_proj": (attn.q_size, attn.kv_size, attn.kv_size),
-                             "gate_up_proj": (config.intermediate_size, config.intermediate_size)}
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
@@ -211,23 +219,38 @@ class DecoderForCausalLM(Model):
             if param is None:
                 raise ValueError(f"unexpected weight '{hf_name}': {type(self).__name__} for this config has no "
                                  f"parameter '{name}'")
-            target = param.data
-            if shard is not None:
-                sizes = self._shard_sizes[fused]
-                target = target.narrow(0, sum(sizes[:shard]), sizes[shard])
+            owner = self.get_submodule(name.rpartition(".")[0])
             quantized = isinstance(tensor, QuantizedWeight)
             shape = (tensor.out_features, tensor.in_features) if quantized else tuple(tensor.shape)
-            if shape != tuple(target.shape):
-                raise ValueError(f"weight '{hf_name}' has shape {shape}, expected {tuple(target.shape)}")
-            owner = self.get_submodule(name.rpartition(".")[0])
-            if name.endswith(".weight") and isinstance(owner, Linear):
+            expected = _checkpoint_shape(owner, leaf, shard, param)
+            if shape != expected:
+                raise ValueError(f"weight '{hf_name}' has shape {shape}, expected {expected}")
+            # the layers take whole checkpoint tensors and keep this rank's part (tensor parallelism)
+            if isinstance(owner, Linear) and leaf == "weight":
                 owner.load(tensor, shard)  # a quantized tensor stays quantized
-            elif name.endswith(".weight") and isinstance(owner, Embedding):
+            elif isinstance(owner, Linear) and leaf == "bias" and not quantized:
+                owner.load_bias(tensor, shard)
+            elif isinstance(owner, Embedding) and leaf == "weight":
                 owner.load(tensor)
             elif quantized:
                 raise ValueError(f"weight '{hf_name}' is quantized, but '{name}' is not a Linear or Embedding weight")
+            elif isinstance(owner, RMSNorm) and leaf == "weight":
+                owner.load(tensor)
             else:
                 with torch.no_grad():
-                    target.copy_(tensor)
+                    param.data.copy_(tensor)
             loaded.add(name)
         return loaded
+
+
+def _checkpoint_shape(owner: nn.Module, leaf: str, shard: int | None, param: torch.Tensor) -> tuple[int, ...]:
+    """The shape of the checkpoint tensor that fills ``owner``'s parameter ``leaf`` (shard ``shard`` of a
+    fused Linear): the whole tensor, whatever part of it this tensor-parallel rank keeps."""
+    if isinstance(owner, Linear) and leaf in ("weight", "bias"):
+        rows = owner.checkpoint_shape[0] if shard is None else owner.checkpoint_shard_sizes[shard]
+        return (rows, owner.checkpoint_shape[1]) if leaf == "weight" else (rows,)
+    if isinstance(owner, Embedding) and leaf == "weight":
+        return owner.vocab_size, owner.embedding_dim
+    if isinstance(owner, RMSNorm) and leaf == "weight":
+        return (owner.checkpoint_size,)
+    return tuple(param.shape)

@@ -3,6 +3,17 @@
 Parameter names follow the HuggingFace checkpoints (``input_layernorm``, ``self_attn.o_proj``,
 ``mlp.down_proj``...), except that q/k/v and gate/up are fused into one matmul each
 (``self_attn.qkv_proj``, ``mlp.gate_up_proj``), as Phi-3 checkpoints store them anyway.
+
+Under tensor parallelism (``tokenmill.distributed``) each rank builds its part of every layer, Megatron's
+way: one all-reduce after attention, one after the MLP, nothing in between.
+
+    qkv_proj      column: this rank's query heads and the KV heads they read (``TensorParallel.kv_heads``)
+    attention     local heads only: the backend and the KV cache are built with the local counts
+    o_proj        row: partial outputs summed over the ranks
+    gate_up_proj  column: a slice of gate and the same slice of up;  down_proj row
+    c_fc          column;  c_proj row
+    qk-norm       per head: nothing to share; full width (OLMo 2): the sum of squares all-reduced
+    norms         replicated (they act on the full hidden state every rank holds)
 """
 from __future__ import annotations
 
@@ -16,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill import AttentionBackend, AttentionMetadata
+from tokenmill.distributed import TensorParallel, get_tensor_parallel
 from tokenmill.layers import Linear
 
 from .rope import apply_rope
@@ -50,10 +62,39 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.unit_offset = unit_offset
         self.upcast_weight = upcast_weight
+        self.checkpoint_size = size  # the features of the checkpoint's weight (``split_features``)
+        self._split: tuple[TensorParallel, int] | None = None  # (ranks, first feature) once split
+
+    def split_features(self, tp: TensorParallel, start: int, total: int) -> RMSNorm:
+        """Make this norm one rank's part of a norm over ``total`` features (OLMo 2's qk-norm over all
+        heads, heads split by rank): it holds features ``start : start + size`` and its weight, and takes
+        the mean square over every rank's features.
+
+        That mean is the all-reduced sum of squares over ``size * tp.size`` features, not ``total``: where
+        ranks share a KV head (fewer KV heads than ranks), each of the ``tp.size * size / total`` ranks
+        holding one adds its squares, so the sum counts every feature that many times."""
+        if tp.size * self.weight.shape[0] % total or not 0 <= start <= total - self.weight.shape[0]:
+            raise ValueError(f"features {start}:{start + self.weight.shape[0]} of {total} are not one rank's share "
+                             f"among {tp.size}")
+        self.checkpoint_size = total
+        self._split = (tp, start)
+        return self
+
+    def load(self, tensor: torch.Tensor) -> None:
+        """Copy the checkpoint's weight (``checkpoint_size`` features); a split norm keeps its own."""
+        if self._split is not None:
+            tensor = tensor.narrow(0, self._split[1], self.weight.shape[0])
+        with torch.no_grad():
+            self.weight.copy_(tensor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self._split is None:
+            mean_square = xf.pow(2).mean(-1, keepdim=True)
+        else:
+            tp = self._split[0]
+            mean_square = tp.all_reduce(xf.pow(2).sum(-1, keepdim=True)) / (xf.shape[-1] * tp.size)
+        xf = xf * torch.rsqrt(mean_square + self.eps)
         if self.upcast_weight:
             weight = self.weight.float()
             return (xf * (weight + 1.0 if self.unit_offset else weight)).to(x.dtype)
@@ -68,9 +109,10 @@ class GatedMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool = False) -> None:
         super().__init__()
         self.act = activation(act)
+        get_tensor_parallel().split(intermediate_size, "intermediate_size")  # the error names the config field
         self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=bias,
-                                   shard_sizes=(intermediate_size, intermediate_size))
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+                                   shard_sizes=(intermediate_size, intermediate_size), parallel="column")
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias, parallel="row")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # gate, up: [T, intermediate]
@@ -83,8 +125,9 @@ class PlainMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool = True) -> None:
         super().__init__()
         self.act = activation(act)
-        self.c_fc = Linear(hidden_size, intermediate_size, bias=bias)
-        self.c_proj = Linear(intermediate_size, hidden_size, bias=bias)
+        get_tensor_parallel().split(intermediate_size, "intermediate_size")
+        self.c_fc = Linear(hidden_size, intermediate_size, bias=bias, parallel="column")
+        self.c_proj = Linear(intermediate_size, hidden_size, bias=bias, parallel="row")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.act(self.c_fc(x)))
@@ -114,27 +157,51 @@ class AttentionSpec:
 
 
 class Attention(nn.Module):
-    """qkv_proj ──[qk-norm]──rope(q, k)──> attention backend (paged cache) ──> o_proj"""
+    """qkv_proj ──[qk-norm]──rope(q, k)──> attention backend (paged cache) ──> o_proj
+
+    ``num_heads``, ``num_kv_heads``: the model's (the checkpoint's); by default the backend's, which is
+    right at tensor-parallel size 1 only. The backend computes this rank's heads
+    (``TensorParallel.local_heads``): ``num_heads`` and ``num_kv_heads`` attributes are those.
+    """
 
     def __init__(self, hidden_size: int, backend: AttentionBackend, spec: AttentionSpec,
-                 norm: Callable[[int], nn.Module]) -> None:
+                 norm: Callable[[int], nn.Module], *, num_heads: int | None = None,
+                 num_kv_heads: int | None = None) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads = backend.num_heads, backend.num_kv_heads
-        self.head_dim = backend.head_size
-        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        tp = get_tensor_parallel()
+        num_heads = backend.num_heads if num_heads is None else num_heads
+        num_kv_heads = backend.num_kv_heads if num_kv_heads is None else num_kv_heads
+        first_head, heads = tp.split(num_heads, "num_attention_heads")
+        first_kv_head, kv_heads = tp.kv_heads(num_heads, num_kv_heads)
+        if (heads, kv_heads) != (backend.num_heads, backend.num_kv_heads):
+            raise ValueError(f"attention backend has {backend.num_heads} query and {backend.num_kv_heads} KV heads; "
+                             f"rank {tp.rank} of {tp.size} of a model with {num_heads} and {num_kv_heads} computes "
+                             f"{heads} and {kv_heads}")
+        self.num_heads, self.num_kv_heads = heads, kv_heads
+        self.head_dim = d = backend.head_size
+        self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
         self.spec = spec
         self.backend = backend
         # only what is set: a backend without windows or soft-capping still serves the other models
         self.backend_options = {name: value for name, value in (("sliding_window", spec.sliding_window),
                                                                  ("logits_soft_cap", spec.logits_soft_cap))
                                 if value is not None}
-        self.qkv_proj = Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias,
-                               shard_sizes=(self.q_size, self.kv_size, self.kv_size))
-        self.o_proj = Linear(self.q_size, hidden_size, bias=spec.o_bias)
+        q_rows, kv_rows = (first_head * d, self.q_size), (first_kv_head * d, self.kv_size)
+        self.qkv_proj = Linear(hidden_size, (num_heads + 2 * num_kv_heads) * d, bias=spec.qkv_bias,
+                               shard_sizes=(num_heads * d, num_kv_heads * d, num_kv_heads * d), parallel="column",
+                               shard_slices=(q_rows, kv_rows, kv_rows))
+        self.o_proj = Linear(num_heads * d, hidden_size, bias=spec.o_bias, parallel="row")
         if spec.qk_norm is QKNorm.PER_HEAD:
             self.q_norm, self.k_norm = norm(self.head_dim), norm(self.head_dim)
         elif spec.qk_norm is QKNorm.FULL_WIDTH:
             self.q_norm, self.k_norm = norm(self.q_size), norm(self.kv_size)
+            if tp.size > 1:
+                for qk_norm, (start, _), total in ((self.q_norm, q_rows, num_heads * d),
+                                                   (self.k_norm, kv_rows, num_kv_heads * d)):
+                    if not isinstance(qk_norm, RMSNorm):
+                        raise ValueError(f"a full-width qk-norm splits across tensor-parallel ranks as an RMSNorm; "
+                                         f"this model's is a {type(qk_norm).__name__}")
+                    qk_norm.split_features(tp, start, total)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
