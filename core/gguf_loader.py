@@ -30,7 +30,16 @@ from .quantization.gguf import GGUFWeight, is_quantized
 # transformers reads none of their metadata (gemma, granite, olmo2) or leaves out what the model
 # needs (soft caps, LongRoPE factors, the local rope theta, biases, windows)
 _MODEL_TYPES = {"qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3",
-                "granite": "granite", "olmo2": "olmo2", "starcoder2": "starcoder2"}
+                "granite": "granite", "olmo2": "olmo2", "starcoder2": "starcoder2", "qwen2moe": "qwen2_moe",
+                "qwen3moe": "qwen3_moe", "olmoe": "olmoe"}
+# a "llama" file with experts (``llama.expert_count`` > 0) is Mixtral; transformers would read it as Llama
+_LLAMA_WITH_EXPERTS = "mixtral"
+# mixture-of-experts architectures: whether llama.cpp divides the top-k routing weights by their sum
+# (it hardcodes it per architecture; ``{arch}.expert_weights_norm``, when a file has it, says so instead),
+# and the config field that says whether q/k/v have biases, read from the tensors
+_MOE_NORM_TOPK_PROB = {"qwen2moe": False, "qwen3moe": True, "olmoe": False}
+_ATTENTION_BIAS_FIELDS = {"starcoder2": "use_bias", "qwen2moe": "qkv_bias", "qwen3moe": "attention_bias",
+                          "olmoe": "attention_bias"}
 # metadata key (after "{arch}.") -> config field
 _CONFIG_KEYS = {
     "context_length": "max_position_embeddings", "embedding_length": "hidden_size",
@@ -42,6 +51,9 @@ _CONFIG_KEYS = {
     "final_logit_softcapping": "final_logit_softcapping", "attention.scale": "attention_multiplier",
     "embedding_scale": "embedding_multiplier", "residual_scale": "residual_multiplier",
     "logit_scale": "logits_scaling", "rope.scaling.original_context_length": "original_max_position_embeddings",
+    "expert_count": "num_experts", "expert_used_count": "num_experts_per_tok",
+    "expert_feed_forward_length": "moe_intermediate_size",
+    "expert_shared_feed_forward_length": "shared_expert_intermediate_size",
 }
 _TOKEN_ID_KEYS = {"tokenizer.ggml.bos_token_id": "bos_token_id", "tokenizer.ggml.eos_token_id": "eos_token_id",
                   "tokenizer.ggml.padding_token_id": "pad_token_id"}
@@ -110,13 +122,15 @@ def iter_gguf_weights(path: Path, names: Mapping[str, GGUFNames], model: str = "
 
 def hf_config_from_gguf(path: Path) -> PretrainedConfig | None:
     """The HuggingFace config of a GGUF file, from the metadata and tensor list llama.cpp's converter
-    wrote, for the architectures in ``_MODEL_TYPES``; None for the others (transformers reads them)."""
+    wrote, for the architectures in ``_MODEL_TYPES`` and Mixtral (``llama`` with experts); None for the
+    others (transformers reads them)."""
     reader = gguf.GGUFReader(path)
     arch = str(reader.fields["general.architecture"].contents())
-    if arch not in _MODEL_TYPES:
-        return None
     meta = {name.removeprefix(f"{arch}."): field.contents() for name, field in reader.fields.items()
             if name.startswith(f"{arch}.") or name in _TOKEN_ID_KEYS}
+    model_type = _LLAMA_WITH_EXPERTS if arch == "llama" and meta.get("expert_count", 0) > 0 else _MODEL_TYPES.get(arch)
+    if model_type is None:
+        return None
     meta = {name: _shortest_float32(value) if isinstance(value, float) else value for name, value in meta.items()}
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     fields: dict[str, Any] = {field: meta[key] for key, field in _CONFIG_KEYS.items() if key in meta}
@@ -136,9 +150,11 @@ def hf_config_from_gguf(path: Path) -> PretrainedConfig | None:
         fields["query_pre_attn_scalar"] = fields["hidden_size"] // fields["num_attention_heads"] if is_27b else head_dim
     if arch == "gemma3":
         fields["rope_local_base_freq"] = meta.get("rope.freq_base_swa", 10000.0)  # llama.cpp's fixed local theta
-    if arch == "starcoder2":
-        fields["use_bias"] = "blk.0.attn_q.bias" in tensors
-    return AutoConfig.for_model(_MODEL_TYPES[arch], **fields)
+    if arch in _ATTENTION_BIAS_FIELDS:
+        fields[_ATTENTION_BIAS_FIELDS[arch]] = "blk.0.attn_q.bias" in tensors
+    if arch in _MOE_NORM_TOPK_PROB:
+        fields["norm_topk_prob"] = bool(meta.get("expert_weights_norm", _MOE_NORM_TOPK_PROB[arch]))
+    return AutoConfig.for_model(model_type, **fields)
 
 
 def _rope_scaling(meta: Mapping[str, Any], tensors: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -24,6 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from .fused_moe import _fused_moe_kernel, kernel_config as moe_kernel_config, launch_constexprs as moe_constexprs
 from .gguf_matmul import _gguf_matmul_kernel, kernel_config as gguf_kernel_config
 from .kv_write import _write_kv_kernel, kv_write_config
 from .paged_attention import INTERPRETED, _paged_attention_kernel, kernel_config
@@ -142,4 +143,22 @@ def compile_gguf_matmul(arch: int, *, qtype: int, dtype: torch.dtype, num_tokens
                  stride_ym="i32")
     aligned = set(types) - {"M"}  # a launch at real sizes: every size but the token count a multiple of 16
     return _compile(_gguf_matmul_kernel, arch, types, aligned, constexprs, num_warps=num_warps,
+                    num_stages=num_stages)
+
+
+def compile_fused_moe(arch: int, *, dtype: torch.dtype, num_tokens: int, gated: bool, activation: str = "silu",
+                      hidden: int = 4096, intermediate: int = 14336, num_experts: int = 8,
+                      top_k: int = 2) -> KernelResources:
+    """Compile one GEMM of ``fused_moe`` (``gated``: gate/up with ``activation``; else down) as a launch of
+    ``num_tokens`` tokens on that layer shape (its decode or prefill config) compiles it for ``sm_{arch}``;
+    the defaults are Mixtral-8x7B's."""
+    config = moe_kernel_config(num_tokens, hidden, intermediate, dtype, top_k=top_k, num_experts=num_experts)
+    constexprs, num_warps, num_stages = moe_constexprs(config, gated=gated, k_dim=hidden if gated else intermediate,
+                                                       top_k=top_k, activation=activation)
+    data = _POINTER_TYPES[dtype]
+    types = dict(a=data, w=data, c=data, topk_weights="*fp32", sorted_token_ids="*i32", expert_ids="*i32",
+                 num_tokens_post_padded="*i32", N="i32", K="i32", num_slots="i32", stride_am="i32",
+                 stride_we="i32", stride_wn="i32", stride_cm="i32")
+    aligned = set(types) - {"num_slots"}  # real sizes: all but the slot count (T * k) multiples of 16
+    return _compile(_fused_moe_kernel, arch, types, aligned, constexprs, num_warps=num_warps,
                     num_stages=num_stages)

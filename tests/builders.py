@@ -314,11 +314,13 @@ def quantize_gguf(values, qtype):
 def write_llama_cpp_gguf(path, arch: str, hf_model: transformers.PreTrainedModel, tensor_type=None) -> None:
     """``hf_model`` as llama.cpp's converter writes GGUF architecture ``arch``: its metadata keys,
     gguf-py's tensor names, permuted q/k (llama, granite), norm weights + 1 (Gemma), Phi-3's LongRoPE
-    factors as tensors. Tensors are F32 but where ``tensor_type`` (a ``GGMLQuantizationType`` for every
-    2-D tensor, or a function ``(gguf name, [rows, K]) -> type``) names another type: then the file holds
-    that type's blocks (``quantize_gguf``) of the permuted, norm-shifted float tensor.
+    factors as tensors, a mixture of experts' expert count and sizes and its experts stacked per layer
+    (``ffn_{gate,up,down}_exps`` [E, rows, K]). Tensors are F32 but where ``tensor_type`` (a
+    ``GGMLQuantizationType`` for every 2-D and 3-D tensor, or a function ``(gguf name, shape) -> type``)
+    names another type: then the file holds that type's blocks (``quantize_gguf``, row by row) of the
+    permuted, norm-shifted float tensor.
 
-    test_model_families writes its GGUF files with it."""
+    test_model_families and test_moe_models write their GGUF files with it."""
     import math
 
     import gguf
@@ -341,9 +343,17 @@ def write_llama_cpp_gguf(path, arch: str, hf_model: transformers.PreTrainedModel
         writer.add_layer_norm_eps(c.norm_epsilon)
     else:
         writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    if arch in ("qwen3", "gemma", "gemma2", "gemma3"):
+    if arch in ("qwen3", "gemma", "gemma2", "gemma3", "qwen3moe"):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    num_experts = getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None)
+    if num_experts:  # mixture of experts (Mixtral as arch "llama", qwen2moe, qwen3moe, olmoe)
+        writer.add_expert_count(num_experts)
+        writer.add_expert_used_count(c.num_experts_per_tok)
+        if getattr(c, "moe_intermediate_size", None):
+            writer.add_expert_feed_forward_length(c.moe_intermediate_size)
+        if getattr(c, "shared_expert_intermediate_size", None):
+            writer.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
     if arch == "llama":  # LlamaModel's keys; transformers reads the vocabulary size from no tensor
         writer.add_vocab_size(c.vocab_size)
         writer.add_rope_dimension_count(head_dim)
@@ -374,7 +384,7 @@ def write_llama_cpp_gguf(path, arch: str, hf_model: transformers.PreTrainedModel
         writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
     model_arch = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
     name_map = gguf.get_tensor_name_map(model_arch, c.num_hidden_layers)
-    for hf_name, tensor in hf_model.state_dict().items():
+    for hf_name, tensor in _llama_cpp_tensors(hf_model.state_dict()):
         if hf_name == "lm_head.weight" and c.tie_word_embeddings:
             continue
         if arch in GGUF_PERMUTED_QK and ".q_proj." in hf_name:
@@ -386,16 +396,32 @@ def write_llama_cpp_gguf(path, arch: str, hf_model: transformers.PreTrainedModel
         base, leaf = hf_name.rsplit(".", 1)
         name, values = f"{name_map.get_name(base)}.{leaf}", tensor.float().numpy()
         qtype = gguf.GGMLQuantizationType.F32
-        if values.ndim == 2 and tensor_type is not None:
+        if values.ndim in (2, 3) and tensor_type is not None:
             qtype = tensor_type(name, values.shape) if callable(tensor_type) else tensor_type
         if qtype == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(name, values)
-        else:
-            writer.add_tensor(name, quantize_gguf(values, qtype), raw_dtype=qtype)
+        else:  # a 3-D expert tensor [E, rows, K]: each expert's rows quantized
+            rows = quantize_gguf(values.reshape(-1, values.shape[-1]), qtype)
+            writer.add_tensor(name, rows.reshape(*values.shape[:-1], -1), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _llama_cpp_tensors(state_dict):
+    """(name, tensor) as llama.cpp's converter takes them: transformers 5 keeps each MoE layer's experts as
+    ``mlp.experts.gate_up_proj`` [E, 2I, H] and ``mlp.experts.down_proj`` [E, H, I]; the converter stacks
+    the checkpoint's per-expert gate, up and down tensors into ``ffn_{gate,up,down}_exps`` [E, ...]."""
+    for name, tensor in state_dict.items():
+        if name.endswith(".experts.gate_up_proj"):
+            gate, up = tensor.chunk(2, dim=1)
+            yield name.replace(".gate_up_proj", ".gate_proj.weight"), gate
+            yield name.replace(".gate_up_proj", ".up_proj.weight"), up
+        elif name.endswith(".experts.down_proj"):
+            yield name + ".weight", tensor
+        else:
+            yield name, tensor
 
 
 def gguf_weight(tensor: torch.Tensor, qtype=None):
@@ -428,3 +454,63 @@ def paged_steps_logits(model, caches: list[torch.Tensor], vocab_size: int, block
             ids, positions = torch.cat([a[a0:a1], b[b0:b1]]), torch.cat([torch.arange(a0, a1), torch.arange(b0, b1)])
             logits.append(model.compute_logits(model(ids, positions, md)))
     return torch.cat(logits)
+
+
+def build_local_model(cls, config: transformers.PretrainedConfig, num_blocks: int = 8, block_size: int = 16):
+    """``cls``'s model of ``config`` as this tensor-parallel rank builds it (fp32, the torch attention backend
+    with the rank's heads) with its KV caches of ``num_blocks`` blocks bound; (model, caches)."""
+    from tokenmill.distributed import get_tensor_parallel
+    from tokenmill.plugins.attention.torch_backend import TorchAttentionBackend
+
+    spec = cls.kv_cache_spec(config)
+    heads, kv_heads = get_tensor_parallel().local_heads(config.num_attention_heads, spec.num_kv_heads)
+    attention = TorchAttentionBackend(num_heads=heads, num_kv_heads=kv_heads, head_size=spec.head_size,
+                                      dtype=torch.float32, device="cpu")
+    model = cls(config, attention).float().eval()
+    caches = [torch.zeros(attention.kv_cache_shape(num_blocks, block_size, kv_heads, spec.head_size))
+              for _ in range(spec.num_layers)]
+    model.bind_kv_caches(caches)
+    return model, caches
+
+
+def assert_switching_off_breaks_parity(hf_model, model, switch_off, seed: int = 7) -> None:
+    """``model`` matches transformers over a 60-token prompt, and no longer does once ``switch_off(model)``
+    removes the feature under test."""
+    ids = torch.tensor(random_prompts([60], seed=seed)[0])
+    expected = hf_logits(hf_model, ids)
+    torch.testing.assert_close(prefill_logits(model, ids), expected, atol=2e-4, rtol=1e-3)
+    switch_off(model)
+    assert (prefill_logits(model, ids) - expected).abs().max() > 0.05
+
+
+def hf_generate(hf_model: transformers.PreTrainedModel, prompt: list[int], max_new_tokens: int):
+    """transformers' greedy ``generate``: (token ids, log_softmax of each step's logits [n, vocab])."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                max_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=0, output_logits=True,
+                                return_dict_in_generate=True)
+    return out.sequences[0, len(prompt):].tolist(), torch.log_softmax(torch.cat(out.logits).float(), dim=-1)
+
+
+def assert_engine_matches_transformers(path, hf_model, prompts: list[list[int]], max_tokens: int,
+                                       min_distinct: int = 2, **options) -> LLM:
+    """The engine on ``path`` generates transformers' greedy tokens for ``prompts``, logprobs within 2e-3,
+    and leaks no KV block; the engine. ``min_distinct``: distinct tokens each reference output must hold
+    (greedy on a tiny random model must not collapse onto one token, or parity proves little)."""
+    import pytest
+
+    from tokenmill.sampling_params import SamplingParams
+
+    expected = [hf_generate(hf_model, prompt, max_tokens) for prompt in prompts]
+    assert all(len(set(ids)) >= min_distinct for ids, _ in expected)
+    llm = make_llm(path, **options)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=1)
+    outputs = llm.generate(token_prompts(prompts), params, use_tqdm=False)
+    for output, (ids, logprobs) in zip(outputs, expected):
+        completion = output.outputs[0]
+        assert completion.token_ids == ids
+        ours = [entry[token].logprob for entry, token in zip(completion.logprobs, ids)]
+        assert ours == pytest.approx(logprobs[torch.arange(len(ids)), ids].tolist(), abs=2e-3)
+    assert_no_leaks(llm)
+    return llm

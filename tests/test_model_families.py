@@ -20,8 +20,8 @@ import torch
 import transformers
 
 import tokenmill
-from builders import (assert_no_leaks, hf_logits, make_llm, prefill_logits, random_prompts,
-                      save_word_tokenizer, token_prompts)
+from builders import (assert_engine_matches_transformers, assert_switching_off_breaks_parity, hf_generate, hf_logits,
+                      make_llm, prefill_logits, random_prompts, save_word_tokenizer, token_prompts)
 from builders import write_llama_cpp_gguf as write_gguf
 from tokenmill import loader
 from tokenmill.plugins.attention.torch_backend import TorchAttentionBackend
@@ -95,16 +95,6 @@ def make_hf_model(config, seed=0):
     return model
 
 
-def hf_generate(hf_model, prompt, max_new_tokens):
-    """transformers' greedy ``generate``: (token ids, log_softmax of each step's logits [n, vocab])."""
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                max_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=0, output_logits=True,
-                                return_dict_in_generate=True)
-    return out.sequences[0, len(prompt):].tolist(), torch.log_softmax(torch.cat(out.logits).float(), dim=-1)
-
-
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory):
     """(name, checkpoint directory, transformers model)."""
@@ -116,22 +106,6 @@ def family(request, tmp_path_factory):
 
 
 # ---------------------------------------------------------------- engine parity
-
-def assert_engine_matches_transformers(path, hf_model, prompts, max_tokens, **options):
-    expected = [hf_generate(hf_model, prompt, max_tokens) for prompt in prompts]
-    assert all(len(set(ids)) > 1 for ids, _ in expected)  # greedy does not collapse onto one token
-    llm = make_llm(path, **options)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=1)
-    outputs = llm.generate(token_prompts(prompts), params, use_tqdm=False)
-    for output, (ids, logprobs) in zip(outputs, expected):
-        completion = output.outputs[0]
-        assert completion.token_ids == ids
-        ours = [entry[token].logprob for entry, token in zip(completion.logprobs, ids)]
-        theirs = logprobs[torch.arange(len(ids)), ids].tolist()
-        assert ours == pytest.approx(theirs, abs=2e-3)
-    assert_no_leaks(llm)
-    return llm
-
 
 def test_greedy_and_logprobs_match_transformers(family):
     name, path, hf_model = family
@@ -274,12 +248,7 @@ FEATURES = {
 def test_switching_a_feature_off_breaks_parity(feature):
     """Ours matches transformers over a 60-token prompt, and no longer does without the feature."""
     name, switch_off = FEATURES[feature]
-    hf_model, model = model_pair(name)
-    ids = torch.tensor(random_prompts([60], seed=7)[0])
-    expected = hf_logits(hf_model, ids)
-    torch.testing.assert_close(prefill_logits(model, ids), expected, atol=2e-4, rtol=1e-3)
-    switch_off(model)
-    assert (prefill_logits(model, ids) - expected).abs().max() > 0.05
+    assert_switching_off_breaks_parity(*model_pair(name), switch_off)
 
 
 # ---------------------------------------------------------------- rope types

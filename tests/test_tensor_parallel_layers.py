@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from builders import TINY_CONFIGS, gguf_weight, make_hf_model, paged_steps_logits
+from builders import TINY_CONFIGS, build_local_model, gguf_weight, make_hf_model, paged_steps_logits
 from tokenmill.distributed import TensorParallel, get_tensor_parallel, tensor_parallel
 from tokenmill.layers import Embedding, Linear
 from tokenmill.loader import _quantize_fp8
@@ -77,15 +77,7 @@ def model_class(config) -> type[Model]:
 
 def build(config):
     """This rank's model (fp32, torch attention with the rank's heads) and its KV caches of 6 blocks."""
-    cls = model_class(config)
-    spec = cls.kv_cache_spec(config)
-    heads, kv_heads = get_tensor_parallel().local_heads(config.num_attention_heads, spec.num_kv_heads)
-    attention = TorchAttentionBackend(num_heads=heads, num_kv_heads=kv_heads, head_size=spec.head_size,
-                                      dtype=torch.float32, device="cpu")
-    model = cls(config, attention).float().eval()
-    caches = [torch.zeros(attention.kv_cache_shape(6, 16, kv_heads, spec.head_size)) for _ in range(spec.num_layers)]
-    model.bind_kv_caches(caches)
-    return model, caches
+    return build_local_model(model_class(config), config, num_blocks=6)
 
 
 def checkpoint_qk(config, state) -> tuple[torch.Tensor, torch.Tensor]:

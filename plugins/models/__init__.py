@@ -10,6 +10,9 @@ One class per family or close group, all built on the shared decoder skeleton
     granite     Granite 3
     olmo2       OLMo 2
     starcoder2  StarCoder2
+    mixtral     Mixtral                    (mixture of experts: the sparse MLP and its loading in ``moe``)
+    qwen_moe    Qwen2-MoE, Qwen3-MoE
+    olmoe       OLMoE
 
 The classes in ``v0_only`` are registered only to be refused: asking for a Mamba,
 hybrid Mamba, encoder-decoder or pooling architecture raises
@@ -37,14 +40,18 @@ from tokenmill import hookimpl
 from .gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, GemmaForCausalLM
 from .granite import GraniteForCausalLM
 from .llama import LlamaForCausalLM
+from .mixtral import MixtralForCausalLM
 from .olmo2 import Olmo2ForCausalLM
+from .olmoe import OlmoeForCausalLM
 from .phi3 import Phi3ForCausalLM
 from .qwen3 import Qwen3ForCausalLM
+from .qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 from .starcoder2 import Starcoder2ForCausalLM
 from .v0_only import V0_ONLY_MODELS
 
 BUILTIN_MODELS = (LlamaForCausalLM, Qwen3ForCausalLM, GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM,
-                  Phi3ForCausalLM, GraniteForCausalLM, Olmo2ForCausalLM, Starcoder2ForCausalLM)
+                  Phi3ForCausalLM, GraniteForCausalLM, Olmo2ForCausalLM, Starcoder2ForCausalLM, MixtralForCausalLM,
+                  Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, OlmoeForCausalLM)
 
 
 @hookimpl

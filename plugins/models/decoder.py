@@ -55,6 +55,9 @@ class DecoderSpec:
     embed_scale: float = 1.0
     logits_divisor: float = 1.0
     final_logit_soft_cap: float | None = None
+    # one MLP builder per layer where the layers' MLPs differ (MoE families mixing dense and sparse
+    # layers); None: ``parts.mlp`` builds every layer's
+    mlps: tuple[Callable[[], nn.Module], ...] | None = None
 
 
 def decoder_features(*, sliding_window: bool = False, logit_soft_cap: bool = False) -> dict[str, Any]:
@@ -159,15 +162,20 @@ class DecoderForCausalLM(Model):
         if len(spec.layers) != config.num_hidden_layers:
             raise ValueError(f"{type(self).__name__}.decoder_spec gave {len(spec.layers)} layers, the config "
                              f"has num_hidden_layers={config.num_hidden_layers}")
+        mlps = (spec.parts.mlp,) * len(spec.layers) if spec.mlps is None else spec.mlps
+        if len(mlps) != len(spec.layers):
+            raise ValueError(f"{type(self).__name__}.decoder_spec gave {len(mlps)} MLP builders for "
+                             f"{len(spec.layers)} layers")
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, parallel="vocab")
         # a buffer in the model dtype: transformers rounds Gemma's sqrt(hidden) to it too
         self.register_buffer("embed_scale", None if spec.embed_scale == 1.0 else torch.tensor(spec.embed_scale),
                              persistent=False)
         self.layers = nn.ModuleList(
-            spec.block(spec.parts, Attention(config.hidden_size, attention, layer, spec.parts.norm,
-                                             num_heads=config.num_attention_heads, num_kv_heads=cache.num_kv_heads))
-            for layer in spec.layers)
+            spec.block(dataclasses.replace(spec.parts, mlp=mlp),
+                       Attention(config.hidden_size, attention, layer, spec.parts.norm,
+                                 num_heads=config.num_attention_heads, num_kv_heads=cache.num_kv_heads))
+            for layer, mlp in zip(spec.layers, mlps))
         self.norm = spec.parts.norm(config.hidden_size)
         self.lm_head = None if self.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
                                                                        bias=False, logits=True, parallel="vocab")
