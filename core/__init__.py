@@ -14,6 +14,7 @@ from .drafter import DraftContext, Drafter
 from .errors import (ConfigError, PluginLoadError, RefusedComponentError, RegistrationError, TokenmillError,
                      UnknownComponentError)
 from .hookspecs import hookimpl, hookspec
+from .lora_request import LoRARequest
 from .model_base import KVCacheSpec, Model
 from .outputs import CompletionOutput, Logprob, RequestOutput
 from .registry import ComponentRecord, Provider, Registry, get_registry
@@ -25,7 +26,7 @@ __all__ = [
     "LLM", "LLMEngine", "CompletionOutput", "Logprob", "RequestOutput", "Request", "RequestError", "RequestStatus",
     "SamplingParams", "AttentionBackend", "AttentionMetadata", "CacheConfig", "Component", "ComponentRecord",
     "ConfigError", "DraftContext", "Drafter", "EngineConfig", "Grammar", "GuidedDecoder", "KINDS", "KVCacheSpec",
-    "Model", "ModelConfig",
+    "LoRARequest", "Model", "ModelConfig",
     "PluginLoadError", "Provider", "RefusedComponentError", "Registry", "RegistrationError",
     "SchedulerConfig", "SpeculativeConfig", "StructuredOutputsConfig", "StructuredOutputsParams",
     "SupportsV0Only", "TokenmillError", "UnknownComponentError", "UnsupportedStructuredOutput",

@@ -43,7 +43,8 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("model", "dtype", "max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens",
                  "attention_backend", "device", "seed", "load_format", "num_gpu_blocks_override",
                  "gpu_memory_utilization", "generation_config", "kv_cache_dtype", "quantization",
-                 "tensor_parallel_size", "distributed_executor_backend"):
+                 "tensor_parallel_size", "distributed_executor_backend", "max_loras", "max_lora_rank",
+                 "max_cpu_loras"):
         value = getattr(args, name)
         if value is not None:
             options[name] = value
@@ -51,6 +52,8 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
         options["enable_prefix_caching"] = False
     if args.enforce_eager:
         options["enforce_eager"] = True
+    if args.enable_lora:
+        options["enable_lora"] = True
     if args.speculative_config:
         options["speculative_config"] = json.loads(args.speculative_config)
     options.update(parse_option(item) for item in args.option)
@@ -135,7 +138,22 @@ def _serve(args: argparse.Namespace) -> int:
                  served_model_name=args.served_model_name, chat_template=args.chat_template,
                  trust_request_chat_template=args.trust_request_chat_template,
                  max_body_bytes=args.max_request_body_bytes, shutdown_timeout=args.shutdown_timeout,
-                 log_level=args.log_level)
+                 log_level=args.log_level, lora_modules=_lora_modules(args.lora_modules))
+
+
+def _lora_modules(items: list[str]) -> dict[str, str]:
+    """``--lora-modules NAME=PATH ...`` (or vLLM's JSON form ``{"name": ..., "path": ...}``) as name -> path."""
+    modules: dict[str, str] = {}
+    for item in items:
+        if item.lstrip().startswith("{"):
+            entry = json.loads(item)
+            name, path = entry.get("name"), entry.get("path")
+        else:
+            name, _, path = item.partition("=")
+        if not name or not path:
+            raise ValueError(f"--lora-modules: expected NAME=PATH, got {item!r}")
+        modules[name] = path
+    return modules
 
 
 def _add_engine_arguments(parser: argparse.ArgumentParser, sampling: bool = True) -> None:
@@ -163,6 +181,10 @@ def _add_engine_arguments(parser: argparse.ArgumentParser, sampling: bool = True
     g.add_argument("-tp", "--tensor-parallel-size", type=int, help="ranks that each hold a shard of every layer")
     g.add_argument("--distributed-executor-backend", choices=["uni", "mp", "ray"],
                    help="'uni' (this process, size 1), 'mp' (a process per rank; the default above 1), 'ray'")
+    g.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (PEFT folders) on the base model")
+    g.add_argument("--max-loras", type=int, help="adapters resident on the device at once (default 1)")
+    g.add_argument("--max-lora-rank", type=int, help="the largest adapter rank accepted (default 16)")
+    g.add_argument("--max-cpu-loras", type=int, help="adapters kept loaded in host memory (default: max-loras)")
     g.add_argument("--speculative-config", help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
     g.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                    help="any other engine option (value parsed as JSON when it can be)")
@@ -205,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="require 'Authorization: Bearer KEY' on every route but /health "
                             "(default: $TOKENMILL_API_KEY)")
     serve.add_argument("--served-model-name", help="the name clients use (default: the model)")
+    serve.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                       help="LoRA adapters served by name (a request's model field picks one); needs --enable-lora")
     serve.add_argument("--chat-template", help="a Jinja chat template, or a file holding one")
     serve.add_argument("--trust-request-chat-template", action="store_true",
                        help="run the chat_template a request sends (off: a template is code, and can take "

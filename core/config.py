@@ -115,6 +115,28 @@ class ParallelConfig(_Section):
         return "uni" if self.tensor_parallel_size == 1 else "mp"
 
 
+class LoRAConfig(_Section):
+    """Multi-LoRA serving (vLLM's names): ``enable_lora``; ``max_loras`` adapters resident on the device
+    at once (never more distinct adapters in one step); ``max_lora_rank``, the largest rank accepted;
+    ``max_cpu_loras`` adapters kept loaded in host memory, least recently used evicted (None: max_loras)."""
+
+    enable_lora: bool = False
+    max_loras: int = Field(default=1, ge=1)
+    max_lora_rank: int = Field(default=16, ge=1)
+    max_cpu_loras: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _cpu_holds_the_device_ones(self) -> LoRAConfig:
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras}), got "
+                             f"fewer")
+        return self
+
+    @property
+    def host_capacity(self) -> int:
+        return self.max_cpu_loras if self.max_cpu_loras is not None else self.max_loras
+
+
 class _ComponentSection(BaseModel):
     """A section that selects a component: the keys core owns are fields, every other key
     is the component's own option, validated by its ``Options`` when the engine builds it."""
@@ -168,6 +190,7 @@ class EngineConfig(_Section):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
     speculative: SpeculativeConfig | None = None
     structured_outputs: StructuredOutputsConfig = Field(default_factory=StructuredOutputsConfig)
     attention_backend: str | None = None
@@ -210,11 +233,12 @@ _FLAT: dict[str, tuple[str | None, str]] = {
     **{f: ("cache", f) for f in CacheConfig.model_fields},
     **{f: ("scheduler", f) for f in SchedulerConfig.model_fields},
     **{f: ("parallel", f) for f in ParallelConfig.model_fields},
+    **{f: ("lora", f) for f in LoRAConfig.model_fields},
     "speculative_config": (None, "speculative"),
     "structured_outputs_config": (None, "structured_outputs"),
     **{f: (None, f) for f in ("attention_backend", "attention_config", "device", "seed", "plugin_errors")},
 }
-_SECTIONS = ("model", "cache", "scheduler", "parallel", "speculative", "structured_outputs")
+_SECTIONS = ("model", "cache", "scheduler", "parallel", "lora", "speculative", "structured_outputs")
 _DEPRECATED = {
     "best_of": "best_of is deprecated in V1; use n and pick among the outputs",
     "swap_space": "KV cache swapping is deprecated in V1; preempted requests are recomputed",

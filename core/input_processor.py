@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
+from .lora_request import LoRARequest
 from .request import Request
 from .sampling_params import SamplingParams, child_seed, validate_prompt_token_ids
 from .text import check_unicode
@@ -58,7 +59,8 @@ class InputProcessor:
         return list(ids)
 
     def process(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                arrival_time: float | None = None) -> tuple[str | None, list[Request]]:
+                arrival_time: float | None = None,
+                lora_request: LoRARequest | None = None) -> tuple[str | None, list[Request]]:
         """Validate and build the engine requests: one, or ``n`` children for n > 1."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
@@ -83,7 +85,8 @@ class InputProcessor:
                              params, n=1, seed=None if params.seed is None else child_seed(params.seed, i)))
                         for i in range(params.n)]
         return text, [Request(request_id=rid, prompt_token_ids=token_ids, sampling_params=p,
-                              eos_token_id=self.eos_token_id, arrival_time=arrival, cache_salt=cache_salt)
+                              eos_token_id=self.eos_token_id, arrival_time=arrival, cache_salt=cache_salt,
+                              lora_request=lora_request)
                       for rid, p in children]
 
     def _check_allowed_tokens(self, params: SamplingParams, bad_words_token_ids: list[list[int]] | None) -> None:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from .config import EngineConfig
 from .input_processor import PromptType
 from .llm_engine import LLMEngine
+from .lora_request import LoRARequest
 from .output_processor import OutputKind
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -65,24 +66,27 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for every prompt; outputs in prompt order."""
+                 use_tqdm: bool = True,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt; outputs in prompt order. ``lora_request``: the adapter every prompt
+        runs with, or a list with one (or None, the base model) per prompt."""
         prompts = _as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         params = _as_params_list(sampling_params, len(prompts))
-        request_ids = self._add_all(prompts, params)
+        request_ids = self._add_all(prompts, params, _as_lora_list(lora_request, len(prompts)))
         return self._run(request_ids, use_tqdm)
 
     def chat(self, messages: Conversation | Sequence[Conversation],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *, use_tqdm: bool = True,
              add_generation_prompt: bool = True, chat_template: str | None = None,
-             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+             chat_template_kwargs: dict[str, Any] | None = None,
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """Generate a reply to each conversation, formatted with the model's chat template."""
         conversations = [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
         prompts = [{"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt, chat_template,
                                                                  chat_template_kwargs)} for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def apply_chat_template(self, conversation: Conversation, add_generation_prompt: bool = True,
                             chat_template: str | None = None,
@@ -97,12 +101,13 @@ class LLM:
             ids = ids["input_ids"]
         return list(ids)
 
-    def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def stream(self, prompt: PromptType, sampling_params: SamplingParams | None = None, *,
+               lora_request: LoRARequest | None = None) -> Iterator[RequestOutput]:
         """Incremental outputs (only the new text and tokens each time) until the request ends.
         Closing the iterator early aborts the request."""
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
-        request_id = self._add(prompt, sampling_params, OutputKind.DELTA)
+        request_id = self._add(prompt, sampling_params, OutputKind.DELTA, lora_request)
         finished = False
         try:
             while not finished:
@@ -123,9 +128,10 @@ class LLM:
             if final.request_id in self._inbox:
                 self._inbox[final.request_id].append(final)
 
-    def _add(self, prompt: PromptType, params: SamplingParams, kind: OutputKind) -> str:
+    def _add(self, prompt: PromptType, params: SamplingParams, kind: OutputKind,
+             lora_request: LoRARequest | None = None) -> str:
         request_id = self.engine.next_request_id()
-        self.engine.add_request(request_id, prompt, params, kind)
+        self.engine.add_request(request_id, prompt, params, kind, lora_request)
         self._inbox[request_id] = []
         return request_id
 
@@ -138,11 +144,12 @@ class LLM:
         outputs, self._inbox[request_id] = self._inbox[request_id], []
         return outputs
 
-    def _add_all(self, prompts: list[PromptType], params: list[SamplingParams]) -> list[str]:
+    def _add_all(self, prompts: list[PromptType], params: list[SamplingParams],
+                 loras: list[LoRARequest | None]) -> list[str]:
         added: list[str] = []
         try:
-            for prompt, p in zip(prompts, params):
-                added.append(self._add(prompt, p, OutputKind.FINAL_ONLY))
+            for prompt, p, lora in zip(prompts, params, loras):
+                added.append(self._add(prompt, p, OutputKind.FINAL_ONLY, lora))
         except Exception:
             self.engine.abort_request(added)  # all or nothing: the engine stays clean
             for request_id in added:
@@ -189,3 +196,17 @@ def _as_params_list(params: SamplingParams | Sequence[SamplingParams], n: int) -
     if len(params) != n:
         raise ValueError(f"sampling_params has {len(params)} entries for {n} prompts; give one or one per prompt")
     return params
+
+
+def _as_lora_list(lora_request: LoRARequest | Sequence[LoRARequest | None] | None,
+                  count: int) -> list[LoRARequest | None]:
+    if lora_request is None or isinstance(lora_request, LoRARequest):
+        return [lora_request] * count
+    loras = list(lora_request)
+    if len(loras) != count:
+        raise ValueError(f"lora_request must be one LoRARequest or a list with one per prompt ({count}), got "
+                         f"{len(loras)}")
+    for i, lora in enumerate(loras):
+        if lora is not None and not isinstance(lora, LoRARequest):
+            raise ValueError(f"lora_request[{i}] must be a LoRARequest or None, got {type(lora).__name__}")
+    return loras

@@ -6,6 +6,7 @@ from typing import Any
 
 from .config import EngineConfig
 from .engine_core import EngineCore
+from .lora_request import LoRARequest
 from .input_processor import InputProcessor, PromptType
 from .output_processor import OutputKind, OutputProcessor
 from .outputs import RequestOutput
@@ -30,11 +31,13 @@ class LLMEngine:
         return str(next(self._ids))
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                    kind: OutputKind = OutputKind.CUMULATIVE) -> None:
+                    kind: OutputKind = OutputKind.CUMULATIVE, lora_request: LoRARequest | None = None) -> None:
         """Validate and queue; raises ValueError (naming the field) and queues nothing on bad input."""
         if self.output_processor.has_request(request_id):
             raise ValueError(f"request_id {request_id!r} is already in use")
-        text, requests = self.input_processor.process(request_id, prompt, params)
+        if lora_request is not None:
+            self.core.validate_lora_request(lora_request)
+        text, requests = self.input_processor.process(request_id, prompt, params, lora_request=lora_request)
         self.core.validate_structured_outputs(requests[0])  # children share the spec
         self.output_processor.add_request(request_id, text, requests, kind)
         for request in requests:

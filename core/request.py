@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .lora_request import LoRARequest
     from .sampling_params import SamplingParams
 
 
@@ -76,6 +77,7 @@ class Request:
     eos_token_id: int | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     cache_salt: str | None = None
+    lora_request: LoRARequest | None = None  # the adapter the request runs with; None: the base model
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
     spec_token_ids: list[int] = field(default_factory=list)

@@ -46,10 +46,12 @@ _ADMISSIBLE = (RequestStatus.WAITING, RequestStatus.WAITING_FOR_GRAMMAR)
 
 class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, *, num_blocks: int,
-                 max_model_len: int, sliding_window: int | None = None) -> None:
+                 max_model_len: int, sliding_window: int | None = None, max_loras: int | None = None) -> None:
         """``sliding_window``: when every layer of the model slides, its window (the KV cache
-        frees the blocks behind it)."""
+        frees the blocks behind it). ``max_loras``: with LoRA enabled, the most distinct adapters the
+        running requests may use (so one step never needs more device slots than there are)."""
         self.max_num_seqs = scheduler_config.max_num_seqs
+        self.max_loras = max_loras
         self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
         self.enable_chunked_prefill = scheduler_config.enable_chunked_prefill
         capacity = (num_blocks - 1) * cache_config.block_size  # block 0 is the null block
@@ -233,10 +235,16 @@ class Scheduler:
 
     def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
         passed_over: list[Request] = []
+        adapters = {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None}
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             if request.status == RequestStatus.WAITING_FOR_GRAMMAR:
                 passed_over.append(self.waiting.popleft())
+                continue
+            lora = request.lora_request
+            if (lora is not None and self.max_loras is not None and lora.lora_int_id not in adapters
+                    and len(adapters) >= self.max_loras):
+                passed_over.append(self.waiting.popleft())  # its adapter waits for a free slot
                 continue
             hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
             num_new = request.num_tokens - num_hit_tokens
@@ -251,9 +259,12 @@ class Scheduler:
             request.num_computed_tokens = num_hit_tokens
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit_tokens
+            if lora is not None:
+                adapters.add(lora.lora_int_id)
             out.scheduled_new_reqs.append(NewRequestData(
                 request.request_id, request.prompt_token_ids, list(request.output_token_ids),
-                request.sampling_params, self.kv_cache_manager.get_block_ids(request.request_id), num_hit_tokens))
+                request.sampling_params, self.kv_cache_manager.get_block_ids(request.request_id), num_hit_tokens,
+                lora))
             budget -= self._take(request, num_new, out)
         self.waiting.extendleft(reversed(passed_over))
 

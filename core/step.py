@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+    from .lora_request import LoRARequest
     from .request import RequestError
     from .sampling_params import SamplingParams
 
@@ -27,6 +28,7 @@ class NewRequestData:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
+    lora_request: LoRARequest | None = None  # the adapter its rows run with
 
 
 @dataclass(slots=True)

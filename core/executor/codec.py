@@ -26,6 +26,7 @@ import msgpack
 import numpy as np
 import torch
 
+from ..lora_request import LoRARequest
 from ..request import RequestError
 from ..sampling_params import SamplingParams
 from ..step import CachedRequestData, Logprobs, ModelRunnerOutput, NewRequestData, SchedulerOutput
@@ -35,7 +36,7 @@ _DATACLASS, _TENSOR, _SET, _TUPLE = 1, 2, 3, 4
 
 MESSAGE_TYPES: dict[str, type] = {cls.__name__: cls for cls in (
     SchedulerOutput, NewRequestData, CachedRequestData, ModelRunnerOutput, Logprobs, RequestError, SamplingParams,
-    StructuredOutputsParams)}
+    StructuredOutputsParams, LoRARequest)}
 
 _DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16, torch.int8,

@@ -8,8 +8,8 @@
 ``H`` is sha256 over a canonical byte encoding (never Python's ``hash()``,
 which is salted per process), so equal prefixes give equal hashes across
 processes and a block's hash depends on every token before it. The request's
-``cache_salt`` joins the first block's extra keys only: the chain carries it
-to every later block, isolating tenants.
+``cache_salt`` and its LoRA adapter join the first block's extra keys only: the
+chain carries them to every later block, isolating tenants and adapters.
 """
 from __future__ import annotations
 
@@ -46,6 +46,16 @@ def update_block_hashes(request: Request, block_size: int) -> None:
     start = len(hashes) * block_size
     while start + block_size <= request.num_tokens:
         parent = hashes[-1] if hashes else None
-        extra_keys = (request.cache_salt,) if parent is None and request.cache_salt else ()
+        extra_keys = _first_block_keys(request) if parent is None else ()
         hashes.append(hash_block_tokens(parent, request.all_token_ids[start:start + block_size], extra_keys))
         start += block_size
+
+
+def _first_block_keys(request: Request) -> tuple[str, ...]:
+    """The keys that join the first block's hash (and so, through the chain, every block's): the
+    tenant's ``cache_salt`` and the request's adapter, so no block is shared across salts, across
+    adapters, or between an adapter and the base model."""
+    keys = (request.cache_salt,) if request.cache_salt else ()
+    if request.lora_request is not None:
+        keys += (request.lora_request.cache_key,)
+    return keys

@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 
 from .async_engine import AsyncEngine, EngineError
@@ -19,7 +19,8 @@ from .completions import create_completion
 from .errors import APIError, ErrorResponse, error_body
 from .guards import MAX_HEADER_BYTES, APIKeyGuard, BodyLimit, HeaderLimit
 from .metrics import CONTENT_TYPE
-from .protocol import ChatCompletionRequest, CompletionRequest
+from ..errors import ConfigError
+from .protocol import ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from .responses import ModelCard, ModelList
 from .serving import ServerState
 
@@ -42,11 +43,19 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 def build_app(engine: AsyncEngine, *, model_names: list[str], api_key: str | None = None,
               chat_template: str | None = None, trust_request_chat_template: bool = False,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, lora_modules: dict[str, str] | None = None) -> FastAPI:
     """The OpenAI-compatible app over ``engine``. Its lifespan starts the engine thread
-    and, at shutdown, aborts what is still in flight and stops it."""
+    and, at shutdown, aborts what is still in flight and stops it. ``lora_modules``: adapter name ->
+    PEFT folder, served as models of their own (needs an engine with enable_lora)."""
     state = ServerState(engine, model_names, chat_template, trust_request_chat_template,
                         sampling_defaults=engine.engine.core.generation_defaults.sampling)
+    lora_enabled = engine.engine.core.config.lora.enable_lora
+    if lora_modules and not lora_enabled:
+        raise ConfigError("--lora-modules needs --enable-lora (enable_lora=True)")
+    for name, path in (lora_modules or {}).items():
+        lora = state.add_lora(name, path)
+        engine.engine.core.validate_lora_request(lora)  # a bad adapter stops the start, naming it
+        state.lora_adapters[name] = lora
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -76,7 +85,32 @@ def build_app(engine: AsyncEngine, *, model_names: list[str], api_key: str | Non
 
     @app.get("/v1/models", responses=_errors(*guarded, 431))
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=name, max_model_len=engine.max_model_len) for name in model_names])
+        cards = [ModelCard(id=name, max_model_len=engine.max_model_len) for name in model_names]
+        cards += [ModelCard(id=name, max_model_len=engine.max_model_len, root=lora.lora_path, parent=model_names[0])
+                  for name, lora in state.lora_adapters.items()]
+        return ModelList(data=cards)
+
+    if lora_enabled:
+        @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse,
+                  responses={200: {"description": "The adapter is served under its name."},
+                             **_errors(400, *guarded, 431)})
+        async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> PlainTextResponse:
+            try:
+                lora = state.add_lora(body.lora_name, body.lora_path)
+                await engine.call(lambda core_engine: core_engine.core.validate_lora_request(lora))
+            except ValueError as exc:
+                field = "lora_name" if str(exc).startswith("lora_name") else "lora_path"
+                raise APIError(400, str(exc), field) from None
+            state.lora_adapters[body.lora_name] = lora
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+        @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse,
+                  responses={200: {"description": "The adapter is no longer served (requests in flight finish)."},
+                             **_errors(400, *guarded, 404, 431)})
+        async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> PlainTextResponse:
+            if state.lora_adapters.pop(body.lora_name, None) is None:
+                raise APIError(404, f"The LoRA adapter '{body.lora_name}' is not served.", "lora_name")
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     prometheus_text = {"description": "The Prometheus text exposition format, version 0.0.4.",
                        "content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}

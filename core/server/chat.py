@@ -61,9 +61,10 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
         raise invalid_input(exc, request.field_names()) from None
     state.check_context([prompt], params, request)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    [stream] = await add_all(state.engine, request_id, [prompt], params, request)
+    [stream] = await add_all(state.engine, request_id, [prompt], params, request, state.lora_request(request))
     if request.stream:
-        return StreamingResponse(_stream(request, request_id, state.model_name, stream, params.n),
+        model = state.response_model(request)
+        return StreamingResponse(_stream(request, request_id, model, stream, params.n),
                                  media_type="text/event-stream")
     try:
         result = await collect(stream)
@@ -72,7 +73,7 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
     choices = [ChatChoice(index=c.index, message=ChatMessageOut(content=c.text),
                           logprobs=_logprobs(request, c.token_ids, c.logprobs), finish_reason=c.finish_reason,
                           stop_reason=c.stop_reason) for c in result.choices]
-    body = ChatCompletionResponse(id=request_id, model=state.model_name, choices=choices,
+    body = ChatCompletionResponse(id=request_id, model=state.response_model(request), choices=choices,
                                   usage=usage(len(result.prompt_token_ids),
                                               sum(len(c.token_ids) for c in result.choices)),
                                   prompt_logprobs=prompt_logprobs(request.prompt_logprobs, result.prompt_logprobs))

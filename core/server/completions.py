@@ -36,9 +36,10 @@ async def create_completion(state: ServerState, request: CompletionRequest) -> R
     if request.echo:  # decoding prompts that fit max_model_len: a regular worker's job
         echoes = await state.engine.tokenize(lambda processor: _echoes(processor, prompts), num_chars=0)
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    streams = await add_all(state.engine, request_id, prompts, params, request)
+    streams = await add_all(state.engine, request_id, prompts, params, request, state.lora_request(request))
     if request.stream:
-        return StreamingResponse(_stream(request, request_id, state.model_name, streams, echoes, params.n),
+        model = state.response_model(request)
+        return StreamingResponse(_stream(request, request_id, model, streams, echoes, params.n),
                                  media_type="text/event-stream")
     try:
         results = [await collect(stream) for stream in streams]
@@ -50,7 +51,7 @@ async def create_completion(state: ServerState, request: CompletionRequest) -> R
                for p, result in enumerate(results) for c in result.choices]
     num_prompt_tokens = sum(len(result.prompt_token_ids) for result in results)
     num_tokens = sum(len(c.token_ids) for result in results for c in result.choices)
-    body = CompletionResponse(id=request_id, model=state.model_name, choices=choices,
+    body = CompletionResponse(id=request_id, model=state.response_model(request), choices=choices,
                               usage=usage(num_prompt_tokens, num_tokens))
     return Response(body.model_dump_json(), media_type="application/json")
 

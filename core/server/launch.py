@@ -92,12 +92,14 @@ def serve(config: EngineConfig, *, host: str = "127.0.0.1", port: int = 8000, ap
           served_model_name: str | None = None, chat_template: str | None = None,
           trust_request_chat_template: bool = False, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
           shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
-          log_level: str = "info") -> int:
-    """Serve ``config``'s model until a signal; returns the exit status."""
+          log_level: str = "info", lora_modules: dict[str, str] | None = None) -> int:
+    """Serve ``config``'s model (and ``lora_modules``, adapter name -> PEFT folder) until a signal; returns
+    the exit status."""
     model_name = served_model_name or config.model.model
     engine = AsyncEngine(LLMEngine(config), ServerMetrics(model_name))
     app = build_app(engine, model_names=[model_name], api_key=api_key, chat_template=read_chat_template(chat_template),
-                    trust_request_chat_template=trust_request_chat_template, max_body_bytes=max_body_bytes)
+                    trust_request_chat_template=trust_request_chat_template, max_body_bytes=max_body_bytes,
+                    lora_modules=lora_modules)
     server = _Server(uvicorn_config(app, host=host, port=port, shutdown_timeout=shutdown_timeout + CANCEL_GRACE,
                                     log_level=log_level), engine, drain_timeout=shutdown_timeout)
     server.run()

@@ -268,3 +268,16 @@ def _check_unicode_in(path: str, value: Any) -> None:
     elif isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
             _check_unicode_in(f"{path}.{index}", item)
+
+
+class LoadLoRAAdapterRequest(_Body):
+    """``POST /v1/load_lora_adapter`` (vLLM's body): serve the PEFT adapter at ``lora_path`` as ``lora_name``."""
+
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+
+class UnloadLoRAAdapterRequest(_Body):
+    """``POST /v1/unload_lora_adapter`` (vLLM's body): stop serving ``lora_name``."""
+
+    lora_name: str = Field(min_length=1, max_length=256)

@@ -127,6 +127,8 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=_now)
     owned_by: str = "tokenmill"
     max_model_len: int | None = None
+    root: str | None = None  # an adapter's folder
+    parent: str | None = None  # an adapter's base model
 
 
 class ModelList(BaseModel):

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from ..input_processor import InputProcessor, PromptType
+from ..lora_request import LoRARequest
 from ..outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from ..sampling_params import SamplingParams, validate_prompt_token_ids
 from ..structured import UnsupportedStructuredOutput
@@ -34,16 +35,36 @@ class ServerState:
     trust_request_chat_template: bool = False  # vLLM's flag: a request's own template is code to run
     # the model's generation_config.json defaults, for the fields a request leaves unset
     sampling_defaults: Mapping[str, Any] = field(default_factory=dict)
+    # LoRA adapters served by name (--lora-modules, /v1/load_lora_adapter); a request's model picks one
+    lora_adapters: dict[str, LoRARequest] = field(default_factory=dict)
+    _next_lora_id: int = 1
 
     @property
     def model_name(self) -> str:
         return self.model_names[0]
 
+    def add_lora(self, name: str, path: str) -> LoRARequest:
+        """A new adapter named ``name`` (its id the next free one); ValueError for a taken name."""
+        if name in self.lora_adapters or name in self.model_names:
+            raise ValueError(f"lora_name: the name {name!r} is already served")
+        lora = LoRARequest(name, self._next_lora_id, path)
+        self._next_lora_id += 1
+        return lora
+
+    def lora_request(self, request: GenerationRequest) -> LoRARequest | None:
+        """The adapter the request's ``model`` names, or None for the base model."""
+        return self.lora_adapters.get(request.model) if request.model is not None else None
+
+    def response_model(self, request: GenerationRequest) -> str:
+        """The ``model`` a response names: the adapter asked for, else the base model's name."""
+        return request.model if request.model in self.lora_adapters else self.model_name
+
     def check_request(self, request: GenerationRequest) -> None:
         """The model must be one this server serves and every string valid Unicode; unknown
         fields are only logged."""
         request.check_unicode()
-        if request.model is not None and request.model not in self.model_names:
+        if (request.model is not None and request.model not in self.model_names
+                and request.model not in self.lora_adapters):
             raise APIError(404, f"The model `{request.model}` does not exist.", "model")
         if request.model_extra:
             logger.warning("ignoring unknown request fields: %r", sorted(request.model_extra))
@@ -94,13 +115,13 @@ def completion_error(completion: CompletionOutput) -> APIError | None:
 
 
 async def add_all(engine: AsyncEngine, base_id: str, prompts: list[PromptType], params: SamplingParams,
-                  request: GenerationRequest) -> list[RequestStream]:
+                  request: GenerationRequest, lora_request: LoRARequest | None = None) -> list[RequestStream]:
     """Add one engine request per prompt, all or nothing: a 400 for bad input."""
     streams: list[RequestStream] = []
     try:
         for index, prompt in enumerate(prompts):
             request_id = base_id if len(prompts) == 1 else f"{base_id}-{index}"
-            streams.append(await engine.add_request(request_id, prompt, params))
+            streams.append(await engine.add_request(request_id, prompt, params, lora_request))
     except BaseException as exc:
         for stream in streams:
             stream.abort()
