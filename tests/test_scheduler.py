@@ -502,3 +502,56 @@ def test_stats_report_queues_blocks_and_counters():
         "num_running": 1, "num_waiting": 1, "num_preemptions": 0, "prefix_cache_queries": 8,
         "prefix_cache_hits": 0, "num_free_blocks": 8, "num_total_blocks": 10, "kv_cache_usage": pytest.approx(0.2),
         "spec_num_draft_tokens": 0, "spec_num_accepted_tokens": 0, "spec_num_verify_steps": 0}
+
+
+# ---------------------------------------------------------------- LoRA adapters
+
+def test_no_step_runs_more_distinct_adapters_than_max_loras():
+    from tokenmill.lora_request import LoRARequest
+
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=64),
+                          CacheConfig(block_size=BLOCK_SIZE), num_blocks=65, max_model_len=128, max_loras=2)
+    loras = [LoRARequest(f"a{i}", i, f"/adapters/{i}") for i in (1, 2, 3)]
+    requests = [make_request("r0", max_tokens=3), make_request("r1", max_tokens=3), make_request("r2", max_tokens=3),
+                make_request("r3", max_tokens=3), make_request("r4", max_tokens=3)]
+    for request, lora in zip(requests, [loras[0], loras[1], loras[2], loras[0], None]):
+        request.lora_request = lora
+    add(scheduler, *requests)
+    seen_together = []
+    for _ in range(20):
+        out, _ = step(scheduler)
+        running = {scheduler.requests[r].lora_request for r in out.num_scheduled_tokens if r in scheduler.requests}
+        seen_together.append({lora.lora_int_id for lora in running if lora is not None})
+        if not scheduler.has_unfinished_requests():
+            break
+    assert all(len(ids) <= 2 for ids in seen_together)
+    assert seen_together[0] == {1, 2}  # r2's adapter 3 waits; r3 (adapter 1) and r4 (base) are admitted past it
+    assert any(3 in ids for ids in seen_together) and not scheduler.has_unfinished_requests()
+
+
+def test_a_new_request_tells_the_runner_its_adapter():
+    from tokenmill.lora_request import LoRARequest
+
+    scheduler = make_scheduler()
+    request = make_request("r0")
+    request.lora_request = LoRARequest("a", 7, "/adapters/a")
+    add(scheduler, request)
+    out = scheduler.schedule()
+    assert out.scheduled_new_reqs[0].lora_request == request.lora_request
+
+
+def test_prefix_cache_blocks_are_keyed_by_adapter():
+    from tokenmill.kv_cache.hashing import update_block_hashes
+    from tokenmill.lora_request import LoRARequest
+
+    prompt = list(range(100, 100 + 2 * BLOCK_SIZE))
+    hashes = {}
+    for name, lora in [("base", None), ("a", LoRARequest("a", 1, "/a")), ("a again", LoRARequest("a", 1, "/a")),
+                       ("b", LoRARequest("b", 2, "/b"))]:
+        request = make_request(name, prompt=prompt)
+        request.lora_request = lora
+        update_block_hashes(request, BLOCK_SIZE)
+        hashes[name] = request.block_hashes
+    assert hashes["a"] == hashes["a again"]
+    assert len({tuple(h) for h in hashes.values()}) == 3
+    assert all(not set(hashes["base"]) & set(hashes[k]) for k in ("a", "b")) and not set(hashes["a"]) & set(hashes["b"])
