@@ -27,6 +27,7 @@ from triton.compiler import ASTSource
 from .fused_moe import _fused_moe_kernel, kernel_config as moe_kernel_config, launch_constexprs as moe_constexprs
 from .gguf_matmul import _gguf_matmul_kernel, kernel_config as gguf_kernel_config
 from .kv_write import _write_kv_kernel, kv_write_config
+from .lora import _lora_expand_kernel, _lora_shrink_kernel, kernel_config as lora_kernel_config
 from .paged_attention import INTERPRETED, _paged_attention_kernel, kernel_config
 from .split_kv_reduce import _reduce_kv_splits_kernel
 
@@ -162,3 +163,18 @@ def compile_fused_moe(arch: int, *, dtype: torch.dtype, num_tokens: int, gated: 
     aligned = set(types) - {"num_slots"}  # real sizes: all but the slot count (T * k) multiples of 16
     return _compile(_fused_moe_kernel, arch, types, aligned, constexprs, num_warps=num_warps,
                     num_stages=num_stages)
+
+
+def compile_lora(arch: int, *, op: str, dtype: torch.dtype, num_tokens: int, rank: int = 16) -> KernelResources:
+    """Compile the LoRA ``op`` (``"shrink"`` or ``"expand"``) variant a launch of ``num_tokens`` tokens
+    (per-row decode or grouped prefill) on adapters of (padded) ``rank`` uses for ``sm_{arch}``."""
+    constexprs, num_warps, num_stages = lora_kernel_config(num_tokens, rank, dtype, op)
+    data = _POINTER_TYPES[dtype]
+    shrink = op == "shrink"
+    kernel = _lora_shrink_kernel if shrink else _lora_expand_kernel
+    types = dict(x=data, out="*fp32", stride_xm="i32", stride_wr="i32", stride_om="i32", K="i32") if shrink \
+        else dict(t="*fp32", y=data, stride_tm="i32", stride_wn="i32", stride_ym="i32", N="i32")
+    types.update(w=data, token_slots="*i32", sorted_rows="*i32", block_slots="*i32", num_rows_post_padded="*i32",
+                 num_tokens="i32", R="i32", num_slots="i32", stride_ws="i32")
+    aligned = set(types) - {"num_tokens", "R", "num_slots"}  # real sizes: features and strides multiples of 16
+    return _compile(kernel, arch, types, aligned, constexprs, num_warps=num_warps, num_stages=num_stages)
