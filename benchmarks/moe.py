@@ -155,7 +155,6 @@ def device_rates() -> tuple[float, float]:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn_like(a)
     matmul = 2 * 8192 ** 3 / (cuda_ms(lambda: a @ b, 20) * 1e-3)
-    del a, b
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     copy = 2 * src.numel() / (cuda_ms(lambda: dst.copy_(src), 20) * 1e-3)

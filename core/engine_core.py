@@ -11,6 +11,8 @@ from .distributed import TensorParallel
 from .executor import Executor, make_executor
 from .generation_config import load_generation_defaults
 from .loader import load_tokenizer
+from .lora import validate_adapter
+from .lora_request import LoRARequest
 from .registry import Registry, get_registry
 from .request import Request, RequestStatus
 from .scheduler import Scheduler
@@ -41,8 +43,12 @@ class EngineCore:
                                                 eos_token_id=self.eos_token_id)
         weakref.finalize(self, self.executor.shutdown)
         self.num_blocks = self.executor.num_blocks
+        self._model_cls = plan.model_cls
+        self._valid_loras: dict[int, str] = {}  # lora_int_id -> the folder validated for it
+        lora = config.lora
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks=self.num_blocks,
-                                   max_model_len=self.max_model_len, sliding_window=plan.spec.sliding_window)
+                                   max_model_len=self.max_model_len, sliding_window=plan.spec.sliding_window,
+                                   max_loras=lora.max_loras if lora.enable_lora else None)
 
     # ------------------------------------------------------------ the in-process rank ("uni")
 
@@ -81,6 +87,22 @@ class EngineCore:
         """Raises ValueError for a structured-output spec the guided decoder cannot honour."""
         if request.sampling_params.structured_outputs is not None:
             self.structured.validate(request.sampling_params.structured_outputs)
+
+    def validate_lora_request(self, lora_request: LoRARequest) -> None:
+        """Raises ValueError when the engine serves no adapters, or when this adapter cannot run on the model
+        (its folder, rank, target modules or tensor shapes; see ``tokenmill.lora.validate_adapter``)."""
+        lora = self.config.lora
+        if not lora.enable_lora:
+            raise ValueError(f"lora_request {lora_request.lora_name!r}: this engine serves no LoRA adapters; "
+                             "start it with enable_lora=True")
+        known = self._valid_loras.get(lora_request.lora_int_id)
+        if known is not None:
+            if known != lora_request.lora_path:
+                raise ValueError(f"lora_request {lora_request.lora_name!r}: lora_int_id {lora_request.lora_int_id} "
+                                 f"already names the adapter at {known}, not {lora_request.lora_path}")
+            return  # read once: a request per adapter does not read its folder again
+        validate_adapter(lora_request, self._model_cls, self.hf_config, lora.max_lora_rank)
+        self._valid_loras[lora_request.lora_int_id] = lora_request.lora_path
 
     def add_request(self, request: Request) -> None:
         """Queue a request; a guided one waits for its grammar (compiled in the background).

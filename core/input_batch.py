@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .lora_request import LoRARequest
 from .sampling_params import SamplingParams
 from .step import NewRequestData
 
@@ -36,13 +37,15 @@ class RowState:
     params: SamplingParams
     output_token_ids: list[int]
     generator: torch.Generator | None
+    lora_request: LoRARequest | None = None  # the adapter its tokens run with (None: the base model)
 
 
 # the per-row scalar sampling parameters, with the value that means "off"
 SAMPLING_COLUMNS = {"temperature": None, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "presence_penalty": 0.0,
                     "frequency_penalty": 0.0, "repetition_penalty": 1.0}
 # features whose state is ragged per row (Python objects): a step visits only the rows that use them
-RAGGED_FEATURES = ("generator", "min_tokens", "logit_bias", "bad_words", "logprobs", "allowed_token_ids")
+# ("lora": the rows with a LoRA adapter)
+RAGGED_FEATURES = ("generator", "min_tokens", "logit_bias", "bad_words", "logprobs", "allowed_token_ids", "lora")
 
 
 class InputBatch:
@@ -88,7 +91,8 @@ class InputBatch:
         if row >= self.max_num_reqs:
             raise RuntimeError(f"input batch is full ({self.max_num_reqs} rows)")
         tokens = [*new.prompt_token_ids, *new.output_token_ids]
-        self.rows.append(RowState(new.req_id, new.sampling_params, list(new.output_token_ids), generator))
+        self.rows.append(RowState(new.req_id, new.sampling_params, list(new.output_token_ids), generator,
+                                  new.lora_request))
         self.req_id_to_row[new.req_id] = row
         self.token_ids[row, : len(tokens)] = tokens
         self.num_tokens[row] = len(tokens)
@@ -107,7 +111,7 @@ class InputBatch:
         self._columns_changed = True
         used = {"generator": generator is not None, "min_tokens": p.min_tokens > 0, "logit_bias": bool(p.logit_bias),
                 "bad_words": bool(p.bad_words_token_ids), "logprobs": p.logprobs is not None,
-                "allowed_token_ids": bool(p.allowed_token_ids)}
+                "allowed_token_ids": bool(p.allowed_token_ids), "lora": new.lora_request is not None}
         for feature, rows in self.rows_using.items():
             (rows.add if used[feature] else rows.discard)(row)
         if p.allowed_token_ids and self.disallowed is None:

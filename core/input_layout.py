@@ -24,7 +24,13 @@ it, so its tensors are views of these same buffers):
     query_start_loc  i (one token per row)               i
     block_tables     the request's blocks                column 0 = 0, the reserved null block
 
+    lora_slots       its adapter's device slot (or -1)   -1 (no adapter)
+
     static metadata: num_actual_tokens = s, max_query_len = 1, max_seq_len = max_model_len
+
+``lora_slots`` (int32, one per token: the device slot of its request's adapter, -1 for the base model) is
+laid out only when the runner serves LoRA adapters (``prepare(..., lora_slots=rows' slots)``); a graph
+reads the persistent buffer's first s entries, which every step rewrites in place.
 
 Block tables: a step stages only the columns its longest row needs and copies them into
 the fixed-width device table ([max_num_reqs, max_blocks_per_req]); an eager step's
@@ -113,6 +119,7 @@ class StepInputs:
     metadata: AttentionMetadata
     query_start_loc: np.ndarray  # int32 [n + 1]
     seq_lens: np.ndarray  # int32 [n]
+    lora_slots: torch.Tensor | None = None  # int32 [tokens] on the device (padded too), when LoRA is served
 
 
 class InputLayout:
@@ -127,7 +134,7 @@ class InputLayout:
         self.buffers = StepBuffers(self.device, {
             "input_ids": ((t,), torch.int64), "positions": ((t,), torch.int64), "slot_mapping": ((t,), torch.int64),
             "seq_lens": ((r,), torch.int32), "query_start_loc": ((r + 1,), torch.int32),
-            "block_columns": ((r * max_blocks_per_req,), torch.int32)})
+            "block_columns": ((r * max_blocks_per_req,), torch.int32), "lora_slots": ((t,), torch.int32)})
         self.block_tables = torch.zeros((r, max_blocks_per_req), dtype=torch.int32, device=self.device)
         # on CPU the staged columns go straight into the table; on CUDA they are copied on the device
         self._table_np = self.block_tables.numpy() if self.device.type == "cpu" else None
@@ -145,12 +152,19 @@ class InputLayout:
             raise ValueError(f"a graph of {max_size} rows does not fit the step buffers")
         self.buffers.growable = False
         self.prepare_padding(max_size)
+        self.buffers.host["lora_slots"].fill_(-1)  # no adapter: a capture with LoRA adds nothing
+        self.buffers.dev["lora_slots"].fill_(-1)
 
     def prepare_padding(self, size: int) -> StepInputs:
         """A step of ``size`` padding rows only (what a graph is captured on)."""
         empty = np.zeros(0, dtype=np.int64)
         return self.prepare(empty, empty.astype(np.int32), empty.astype(np.int32), token_ids=np.zeros((0, 1), np.int64),
                             block_table=np.zeros((0, 1), np.int32), padded_size=size)
+
+    def lora_slots_view(self, num_tokens: int) -> torch.Tensor:
+        """The device token-slot buffer's first ``num_tokens`` entries: what a graph captured with LoRA
+        reads (-1 from ``freeze`` until a step writes them)."""
+        return self.buffers.dev["lora_slots"][:num_tokens]
 
     def static_metadata(self, size: int) -> AttentionMetadata:
         """The one metadata object of every graph step padded to ``size`` (see the module
@@ -168,10 +182,12 @@ class InputLayout:
     # ------------------------------------------------------------ one step
 
     def prepare(self, rows: np.ndarray, counts: np.ndarray, starts: np.ndarray, *, token_ids: np.ndarray,
-                block_table: np.ndarray, padded_size: int | None = None) -> StepInputs:
+                block_table: np.ndarray, padded_size: int | None = None,
+                lora_slots: np.ndarray | None = None) -> StepInputs:
         """Lay out a step: row ``rows[i]`` of ``token_ids``/``block_table`` computes
         ``counts[i]`` tokens from position ``starts[i]``. ``padded_size``: a graph step
-        (every count 1) padded to that captured size."""
+        (every count 1) padded to that captured size. ``lora_slots``: int32 [n], row i's adapter
+        slot (-1: none), laid out per token when given."""
         n = len(rows)
         total = int(counts.sum())
         padded = n if padded_size is None else padded_size
@@ -182,8 +198,9 @@ class InputLayout:
             self._arange = np.arange(2 * num_tokens + 1, dtype=np.int64)
             self._arange.flags.writeable = False
         buf = self.buffers
+        lora_rows = {} if lora_slots is None else {"lora_slots": num_tokens}
         buf.acquire(input_ids=num_tokens, positions=num_tokens, slot_mapping=num_tokens, seq_lens=padded,
-                    query_start_loc=padded + 1, block_columns=padded * width)
+                    query_start_loc=padded + 1, block_columns=padded * width, **lora_rows)
         query_start_loc = buf.np["query_start_loc"][: padded + 1]
         query_start_loc[0] = 0
         np.cumsum(counts, out=query_start_loc[1: n + 1])
@@ -204,6 +221,10 @@ class InputLayout:
         else:
             tables = buf.np["block_columns"][: padded * width].reshape(padded, width)
         np.take(block_table[:, :width], rows, axis=0, out=tables[:n])
+        if lora_slots is not None:
+            token_slots = buf.np["lora_slots"][:num_tokens]
+            token_slots[:total] = np.repeat(lora_slots, counts)
+            token_slots[total:] = -1
         if padded > n:  # padding rows: one token each, attending to one key of the null block
             input_ids[total:] = 0
             positions[total:] = 0
@@ -224,4 +245,5 @@ class InputLayout:
                 block_tables=self.block_tables[:n, :width], slot_mapping=dev["slot_mapping"][:total],
                 query_start_loc_cpu=buf.host["query_start_loc"][: n + 1], seq_lens_cpu=buf.host["seq_lens"][:n])
         return StepInputs(dev["input_ids"][:num_tokens], dev["positions"][:num_tokens], metadata,
-                          query_start_loc[: n + 1], seq_lens[:n])
+                          query_start_loc[: n + 1], seq_lens[:n],
+                          None if lora_slots is None else dev["lora_slots"][:num_tokens])

@@ -129,6 +129,7 @@ class Linear(nn.Linear):
         self.quantized: list[QuantizedWeight] | None = None
         self._pending: list[QuantizedWeight | None] = [None] * len(self.shard_sizes)
         self._device = self.weight.device  # where the quantized weight goes once loaded
+        self.lora = None  # LoRA slots (core/lora.py ``LinearLoRA``), attached when the engine serves adapters
 
     def reset_parameters(self) -> None:
         """Nothing: the loader fills every weight (dummy weights too), and writing a random one
@@ -222,11 +223,20 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tp = self.tensor_parallel
         if self.parallel == "row" and tp.size > 1:
-            y = tp.all_reduce(self._product(x, with_bias=False).contiguous())
+            y = tp.all_reduce(self._with_lora(x, self._product(x, with_bias=False).contiguous()))
             return y if self.bias is None else y + self.bias.to(y.dtype)
-        y = self._product(x, with_bias=True)
+        y = self._with_lora(x, self._product(x, with_bias=True))
         if self.parallel == "vocab" and tp.size > 1:
             return _gather_vocab(tp, y, self._padded_rows, self.checkpoint_shape[0])
+        return y
+
+    def _with_lora(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y`` plus each token's LoRA delta, added in place (before a row-parallel layer's sum, so each
+        rank adds its columns' part), whatever form the base weight has (full precision, GGUF, fp8).
+        Nothing at all when the step runs no adapter (``LoRAStepState.token_slots`` is None)."""
+        lora = self.lora
+        if lora is not None and lora.state.token_slots is not None:
+            lora.apply(x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1]))
         return y
 
     def _product(self, x: torch.Tensor, with_bias: bool) -> torch.Tensor:

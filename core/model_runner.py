@@ -16,6 +16,10 @@ decode step (one token per request) replays a CUDA graph when the runner has cap
 them (see ``cuda_graphs``): the same layout, padded to the graph's size. Uploads after the
 forward do not block either, so a plain step's only wait for the device is reading the
 sampled tokens back (logprobs, top-k alone and drafts add their own reads).
+
+With LoRA (``lora``, a ``LoRAManager``) each row's adapter is kept in the batch; a step loads its
+adapters into device slots, lays out one slot per token beside the other inputs, and the LoRA layers
+read them (see core/lora.py).
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from .cuda_graphs import DecodeGraphRunner, resolve_capture_sizes
 from .drafter import DraftContext, Drafter
 from .input_batch import InputBatch, RowState
 from .input_layout import InputLayout
+from .lora import LoRAManager
 from .rejection_sampler import RejectionSampler
 from .request import RequestError
 from .sampler import NO_TOKEN, LogprobsTensors, Sampler, SamplingMetadata, compute_logprobs_tensors, to_logprobs
@@ -48,15 +53,17 @@ class ModelRunner:
     ``max_num_tokens``: the most tokens a step holds (sizes the staging buffers; they grow if needed).
     ``cudagraph_mode``: 'off', 'capture' (decode steps replay CUDA graphs captured here, for
     ``cudagraph_capture_sizes`` or the default ladder) or 'emulate' (tests: the graph path's
-    static buffers and padding, run eagerly). The KV caches must be bound to the model first."""
+    static buffers and padding, run eagerly). ``lora``: the worker's LoRAManager when adapters
+    are served. The KV caches must be bound to the model first."""
 
     def __init__(self, model: torch.nn.Module, *, vocab_size: int, block_size: int, max_num_reqs: int,
                  max_model_len: int, device: torch.device, logprobs_mode: str = "raw_logprobs",
                  eos_token_id: int | None = None, drafter: Drafter | None = None,
                  num_speculative_tokens: int = 0, apply_bitmask: BitmaskApplier | None = None,
                  max_num_tokens: int | None = None, cudagraph_mode: str = "off",
-                 cudagraph_capture_sizes: list[int] | None = None) -> None:
+                 cudagraph_capture_sizes: list[int] | None = None, lora: LoRAManager | None = None) -> None:
         self.model = model
+        self.lora = lora
         self.max_model_len = max_model_len
         self.drafter = drafter
         self.num_speculative_tokens = num_speculative_tokens if drafter is not None else 0
@@ -94,7 +101,7 @@ class ModelRunner:
             self.graphs = None
             return
         graphs = DecodeGraphRunner(capture_sizes=sizes, inputs=self.inputs, emulate=mode == "emulate")
-        graphs.capture(self._model_forward)
+        graphs.capture(self._model_forward if self.lora is None else self._graph_forward_with_lora)
         self.graphs = graphs
 
     # ------------------------------------------------------------ batch state
@@ -109,6 +116,15 @@ class ModelRunner:
         failed = {}
         for new in so.scheduled_new_reqs:
             self.batch.remove_requests({new.req_id})
+            if new.lora_request is not None:
+                try:
+                    if self.lora is None:
+                        raise ValueError("this engine serves no LoRA adapters (enable_lora is off)")
+                    self.lora.load(new.lora_request)  # into the host cache: a bad folder fails this request only
+                except Exception as exc:
+                    logger.exception("request %s: loading its LoRA adapter failed", new.req_id)
+                    failed[new.req_id] = RequestError(f"loading its LoRA adapter failed: {exc!r}")
+                    continue
             try:
                 self.batch.add_request(new, self._generator(new))
             except Exception as exc:  # this request's own set-up: the rest of the batch goes on
@@ -145,9 +161,12 @@ class ModelRunner:
         counts = np.asarray([so.num_scheduled_tokens[batch.rows[r].req_id] for r in rows], dtype=np.int32)
         starts = batch.num_computed_tokens[rows_arr]
         padded_size = self.graphs.padded_size(len(rows)) if self._is_graph_step(rows_arr, counts, starts) else None
+        row_slots = self._lora_slots(rows) if self.lora is not None else None
         step = self.inputs.prepare(rows_arr, counts, starts, token_ids=batch.token_ids,
-                                   block_table=batch.block_table, padded_size=padded_size)
+                                   block_table=batch.block_table, padded_size=padded_size, lora_slots=row_slots)
         if padded_size is None:
+            if self.lora is not None:  # no adapter row: the LoRA layers skip their work
+                self.lora.activate(step.lora_slots if bool((row_slots >= 0).any()) else None)
             hidden = self._model_forward(step.input_ids, step.positions, step.metadata)
         else:
             hidden = self.graphs.run(step)
@@ -194,6 +213,20 @@ class ModelRunner:
         batch = self.batch
         return not any(batch.rows[r].params.prompt_logprobs is not None and start < batch.num_prompt_tokens[r] - 1
                        for r, start in zip(rows.tolist(), starts.tolist()))
+
+    def _lora_slots(self, rows: list[int]) -> np.ndarray:
+        """Each scheduled row's adapter slot (int32, -1: base model), its adapters loaded into slots."""
+        batch = self.batch
+        if not batch.rows_using["lora"]:
+            return np.full(len(rows), -1, dtype=np.int32)
+        return self.lora.prepare([batch.rows[r].lora_request for r in rows])
+
+    def _graph_forward_with_lora(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                                 metadata: AttentionMetadata) -> torch.Tensor:
+        """The forward a graph captures when LoRA is served: LoRA on, reading the persistent token-slot
+        buffer (every graph step rewrites it), so one graph serves any mix of adapters and base rows."""
+        self.lora.activate(self.inputs.lora_slots_view(input_ids.shape[0]))
+        return self._model_forward(input_ids, positions, metadata)
 
     def _model_forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                        metadata: AttentionMetadata) -> torch.Tensor:

@@ -4,7 +4,8 @@
                             the driver runs it first, so a bad option is an error before any worker starts
     Worker(...)             builds the rank's attention backend and model shard (and calibrates fp8 KV scales)
     .available_blocks()     how many KV blocks this rank's memory holds; the executor takes the minimum
-    .init_kv_cache(n)       allocates n blocks per layer (this rank's KV heads), builds the runner
+    .init_kv_cache(n)       allocates n blocks per layer (this rank's KV heads), builds the runner (and,
+                            with enable_lora, the LoRAManager: device slots in every LoRA layer)
     .execute(step)          one scheduler output -> ModelRunnerOutput (every rank samples the same tokens:
                             each holds the full logits, gathered over the vocabulary shards)
 
@@ -28,6 +29,7 @@ from .kv_cache import blocks_per_request
 from .kv_scales import CALIBRATION_TOKENS, calibrate_kv_cache_scales
 from .loader import (ModelSource, load_hf_config, load_model, resolve_dtype, resolve_max_model_len,
                      resolve_model_class, resolve_model_source, resolve_quantization)
+from .lora import LoRAManager
 from .memory import MemoryProfile, kv_cache_budget, profile_peak_activations, weights_bytes
 from .model_base import KVCacheSpec, Model
 from .model_runner import ModelRunner
@@ -103,6 +105,12 @@ def plan_model(config: EngineConfig, registry: Registry, tp: TensorParallel, dev
         architecture = (getattr(hf_config, "architectures", None) or [type(hf_config).__name__])[0]
         raise ConfigError(f"attention_backend: '{backend_name}' cannot run {architecture}: {problem}")
     quantization = resolve_quantization(config.model.quantization, source, model_cls)
+    if config.lora.enable_lora:
+        if tp.size > 1:
+            raise ConfigError(f"enable_lora: LoRA adapters run at tensor_parallel_size 1 only, got "
+                              f"tensor_parallel_size={tp.size}")
+        if not getattr(model_cls, "lora_modules", None):
+            raise ConfigError(f"enable_lora: {model_cls.__qualname__} declares no LoRA modules (lora_modules)")
     return ModelPlan(source, hf_config, model_cls, device, dtype, max_model_len, spec, num_heads, num_kv_heads,
                      backend_name, backend_cls, kv_cache_dtype, quantization)
 
@@ -187,6 +195,11 @@ class Worker:
             self.drafter = self.registry.create(DRAFTER, speculative.method, speculative.options,
                                                 section="speculative_config",
                                                 num_speculative_tokens=speculative.num_speculative_tokens)
+        lora = None
+        if config.lora.enable_lora:  # device slots for max_loras adapters, attached to the model's LoRA layers
+            lora = LoRAManager(self.model, plan.hf_config, max_loras=config.lora.max_loras,
+                               max_lora_rank=config.lora.max_lora_rank, max_cpu_loras=config.lora.host_capacity,
+                               device=self.device, dtype=plan.dtype)
         guided = self.registry.get(GUIDED_DECODER, config.structured_outputs.decoder)
         sched = config.scheduler
         self.runner = ModelRunner(self.model, vocab_size=plan.hf_config.vocab_size, block_size=config.cache.block_size,
@@ -198,7 +211,7 @@ class Worker:
                                   max_num_tokens=sched.max_num_batched_tokens,
                                   cudagraph_mode=decode_graph_mode(enforce_eager=config.model.enforce_eager,
                                                                    device=self.device, backend=plan.backend_cls),
-                                  cudagraph_capture_sizes=config.model.cudagraph_capture_sizes)
+                                  cudagraph_capture_sizes=config.model.cudagraph_capture_sizes, lora=lora)
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(scheduler_output)

@@ -130,6 +130,25 @@ class DecoderForCausalLM(Model):
     features = decoder_features()
     quantized_weights = True
     supports_tensor_parallel = True
+    # LoRA (core/lora.py): each LoRA-able Linear under a decoder layer -> the PEFT target of each shard
+    lora_modules = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "self_attn.o_proj": ("o_proj",),
+                    "mlp.gate_up_proj": ("gate_proj", "up_proj"), "mlp.down_proj": ("down_proj",)}
+
+    @classmethod
+    def lora_module_shapes(cls, config: Any) -> dict[str, tuple[int, int]]:
+        """Each LoRA target's checkpoint (out, in): what an adapter's B and A must fit."""
+        cache = cls.kv_cache_spec(config)
+        q, kv, hidden = config.num_attention_heads * cache.head_size, cache.num_kv_heads * cache.head_size, \
+            config.hidden_size
+        shapes = {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q)}
+        spec = cls.decoder_spec(config)
+        with torch.device("meta"):  # shapes only: nothing allocated
+            mlps = [build() for build in set(spec.mlps or (spec.parts.mlp,))]
+        if all(isinstance(mlp, GatedMLP) for mlp in mlps):  # MoE and c_fc/c_proj MLPs take no MLP adapter
+            intermediate = mlps[0].down_proj.in_features
+            shapes.update(gate_proj=(intermediate, hidden), up_proj=(intermediate, hidden),
+                          down_proj=(hidden, intermediate))
+        return shapes
 
     @classmethod
     @abstractmethod
