@@ -95,6 +95,7 @@ def feature_matrix(registry: ComponentSource) -> dict[str, Any]:
         _kv_cache_dtypes(available[ATTENTION_BACKEND]),
         _quantization(),
         _tensor_parallel(available[MODEL]),
+        _lora(available[MODEL]),
         _listing("model_architectures", sorted(available[MODEL]), "no model class registered"),
         {"feature": "unsupported_model_kinds", "status": "refused" if refused_models else "none",
          "detail": "; ".join(f"{', '.join(names)}: {reason}" for reason, names in reasons.items())},
@@ -159,6 +160,16 @@ def _tensor_parallel(models: dict[str, type]) -> dict[str, str]:
             "detail": f"tensor_parallel_size N with distributed_executor_backend uni (N = 1), mp, {ray}; "
                       f"gloo on CPU, NCCL on CUDA ({devices} CUDA device{'s' if devices != 1 else ''} here); "
                       f"models that split: {', '.join(split) or 'none'}"}
+
+
+def _lora(models: dict[str, type]) -> dict[str, str]:
+    """Multi-LoRA serving: the models that declare LoRA-able modules, and where the kernels run."""
+    able = sorted(name for name, cls in models.items() if getattr(cls, "lora_modules", None))
+    kernels = "Triton shrink/expand kernels on CUDA" if torch.cuda.is_available() else "torch path here (no CUDA)"
+    return {"feature": "lora", "status": "supported" if able else "unavailable",
+            "detail": f"enable_lora with max_loras device slots (LRU), max_cpu_loras in host memory, PEFT adapters up "
+                      f"to max_lora_rank; {kernels}; not with tensor_parallel_size > 1; "
+                      f"models: {', '.join(able) or 'none'}"}
 
 
 def _kv_cache_dtypes(backends: dict[str, type]) -> dict[str, str]:
