@@ -44,7 +44,7 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
                  "attention_backend", "device", "seed", "load_format", "num_gpu_blocks_override",
                  "gpu_memory_utilization", "generation_config", "kv_cache_dtype", "quantization",
                  "tensor_parallel_size", "distributed_executor_backend", "max_loras", "max_lora_rank",
-                 "max_cpu_loras"):
+                 "max_cpu_loras", "scheduling_policy"):
         value = getattr(args, name)
         if value is not None:
             options[name] = value
@@ -138,7 +138,20 @@ def _serve(args: argparse.Namespace) -> int:
                  served_model_name=args.served_model_name, chat_template=args.chat_template,
                  trust_request_chat_template=args.trust_request_chat_template,
                  max_body_bytes=args.max_request_body_bytes, shutdown_timeout=args.shutdown_timeout,
-                 log_level=args.log_level, lora_modules=_lora_modules(args.lora_modules))
+                 log_level=args.log_level, lora_modules=_lora_modules(args.lora_modules),
+                 allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
+                 allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials)
+
+
+def _json_str_list(value: str) -> list[str]:
+    """A JSON list of strings (vLLM's form of the CORS flags: ``'["https://app.example"]'``)."""
+    try:
+        items = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON list of strings, got {value!r}: {exc}") from None
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of strings, got {value!r}")
+    return items
 
 
 def _lora_modules(items: list[str]) -> dict[str, str]:
@@ -165,6 +178,8 @@ def _add_engine_arguments(parser: argparse.ArgumentParser, sampling: bool = True
     g.add_argument("--block-size", type=int)
     g.add_argument("--max-num-seqs", type=int)
     g.add_argument("--max-num-batched-tokens", type=int)
+    g.add_argument("--scheduling-policy", choices=["fcfs", "priority"],
+                   help="'fcfs' (default: arrival order) or 'priority' (a request's priority, lower first)")
     g.add_argument("--num-gpu-blocks-override", type=int)
     g.add_argument("--attention-backend")
     g.add_argument("--device")
@@ -226,7 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=os.environ.get("TOKENMILL_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on every route but /health "
                             "(default: $TOKENMILL_API_KEY)")
-    serve.add_argument("--served-model-name", help="the name clients use (default: the model)")
+    serve.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                       help="the names clients may use (default: the model); responses echo the one used, "
+                            "metrics carry the first")
+    serve.add_argument("--allowed-origins", type=_json_str_list, metavar="JSON",
+                       help='CORS: the origins browsers may call from, e.g. \'["https://app.example"]\' or '
+                            '\'["*"]\' (default: none, no CORS headers)')
+    serve.add_argument("--allowed-methods", type=_json_str_list, metavar="JSON",
+                       help='CORS: the methods allowed (default: \'["*"]\'); needs --allowed-origins')
+    serve.add_argument("--allowed-headers", type=_json_str_list, metavar="JSON",
+                       help='CORS: the request headers allowed (default: \'["*"]\'); needs --allowed-origins')
+    serve.add_argument("--allow-credentials", action="store_true",
+                       help="CORS: let browsers send cookies and Authorization; needs --allowed-origins")
     serve.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
                        help="LoRA adapters served by name (a request's model field picks one); needs --enable-lora")
     serve.add_argument("--chat-template", help="a Jinja chat template, or a file holding one")

@@ -97,6 +97,9 @@ class SchedulerConfig(_Section):
     max_num_batched_tokens: int = Field(default=8192, ge=1)
     enable_chunked_prefill: bool = True
     max_num_queued_requests: int | None = Field(default=None, ge=1)
+    # vLLM's values: "fcfs" (arrival order) or "priority" (each request's ``priority``, lower first, ties by
+    # arrival; the KV cache preempts the lowest-priority running request first)
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
 
 
 class ParallelConfig(_Section):

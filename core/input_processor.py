@@ -60,8 +60,9 @@ class InputProcessor:
 
     def process(self, request_id: str, prompt: PromptType, params: SamplingParams,
                 arrival_time: float | None = None,
-                lora_request: LoRARequest | None = None) -> tuple[str | None, list[Request]]:
-        """Validate and build the engine requests: one, or ``n`` children for n > 1."""
+                lora_request: LoRARequest | None = None, priority: int = 0) -> tuple[str | None, list[Request]]:
+        """Validate and build the engine requests: one, or ``n`` children for n > 1 (all with the
+        same ``priority``: the scheduler checks it against its policy)."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         text, token_ids = self.tokenize(prompt)
@@ -86,7 +87,7 @@ class InputProcessor:
                         for i in range(params.n)]
         return text, [Request(request_id=rid, prompt_token_ids=token_ids, sampling_params=p,
                               eos_token_id=self.eos_token_id, arrival_time=arrival, cache_salt=cache_salt,
-                              lora_request=lora_request)
+                              lora_request=lora_request, priority=priority)
                       for rid, p in children]
 
     def _check_allowed_tokens(self, params: SamplingParams, bad_words_token_ids: list[list[int]] | None) -> None:

@@ -67,14 +67,17 @@ class LLM:
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  use_tqdm: bool = True,
-                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+                 priority: Sequence[int] | None = None) -> list[RequestOutput]:
         """Generate for every prompt; outputs in prompt order. ``lora_request``: the adapter every prompt
-        runs with, or a list with one (or None, the base model) per prompt."""
+        runs with, or a list with one (or None, the base model) per prompt. ``priority``: one int per
+        prompt, lower first (needs ``scheduling_policy="priority"``); None: all 0."""
         prompts = _as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         params = _as_params_list(sampling_params, len(prompts))
-        request_ids = self._add_all(prompts, params, _as_lora_list(lora_request, len(prompts)))
+        request_ids = self._add_all(prompts, params, _as_lora_list(lora_request, len(prompts)),
+                                    _as_priority_list(priority, len(prompts)))
         return self._run(request_ids, use_tqdm)
 
     def chat(self, messages: Conversation | Sequence[Conversation],
@@ -129,9 +132,9 @@ class LLM:
                 self._inbox[final.request_id].append(final)
 
     def _add(self, prompt: PromptType, params: SamplingParams, kind: OutputKind,
-             lora_request: LoRARequest | None = None) -> str:
+             lora_request: LoRARequest | None = None, priority: int = 0) -> str:
         request_id = self.engine.next_request_id()
-        self.engine.add_request(request_id, prompt, params, kind, lora_request)
+        self.engine.add_request(request_id, prompt, params, kind, lora_request, priority)
         self._inbox[request_id] = []
         return request_id
 
@@ -145,11 +148,11 @@ class LLM:
         return outputs
 
     def _add_all(self, prompts: list[PromptType], params: list[SamplingParams],
-                 loras: list[LoRARequest | None]) -> list[str]:
+                 loras: list[LoRARequest | None], priorities: list[int]) -> list[str]:
         added: list[str] = []
         try:
-            for prompt, p, lora in zip(prompts, params, loras):
-                added.append(self._add(prompt, p, OutputKind.FINAL_ONLY, lora))
+            for prompt, p, lora, priority in zip(prompts, params, loras, priorities):
+                added.append(self._add(prompt, p, OutputKind.FINAL_ONLY, lora, priority))
         except Exception:
             self.engine.abort_request(added)  # all or nothing: the engine stays clean
             for request_id in added:
@@ -210,3 +213,15 @@ def _as_lora_list(lora_request: LoRARequest | Sequence[LoRARequest | None] | Non
         if lora is not None and not isinstance(lora, LoRARequest):
             raise ValueError(f"lora_request[{i}] must be a LoRARequest or None, got {type(lora).__name__}")
     return loras
+
+
+def _as_priority_list(priority: Sequence[int] | None, count: int) -> list[int]:
+    """One priority per prompt, as vLLM takes them (a list even for one prompt)."""
+    if priority is None:
+        return [0] * count
+    if isinstance(priority, (int, str, bytes)) or not isinstance(priority, Sequence):
+        raise ValueError(f"priority must be a list with one int per prompt ({count}), got {priority!r}")
+    priorities = list(priority)
+    if len(priorities) != count:
+        raise ValueError(f"priority must be a list with one int per prompt ({count}), got {len(priorities)}")
+    return priorities

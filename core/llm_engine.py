@@ -13,6 +13,7 @@ from .outputs import RequestOutput
 from .registry import Registry
 from .request import RequestStatus
 from .sampling_params import SamplingParams
+from .scheduler import check_priority
 
 
 class LLMEngine:
@@ -31,13 +32,18 @@ class LLMEngine:
         return str(next(self._ids))
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                    kind: OutputKind = OutputKind.CUMULATIVE, lora_request: LoRARequest | None = None) -> None:
-        """Validate and queue; raises ValueError (naming the field) and queues nothing on bad input."""
+                    kind: OutputKind = OutputKind.CUMULATIVE, lora_request: LoRARequest | None = None,
+                    priority: int = 0) -> None:
+        """Validate and queue; raises ValueError (naming the field) and queues nothing on bad input.
+        ``priority``: lower runs first under ``scheduling_policy="priority"``; "fcfs" allows only 0."""
         if self.output_processor.has_request(request_id):
             raise ValueError(f"request_id {request_id!r} is already in use")
+        # checked before anything is queued: the scheduler would refuse it only after the output processor took it
+        check_priority(priority, self.config.scheduler.scheduling_policy == "priority")
         if lora_request is not None:
             self.core.validate_lora_request(lora_request)
-        text, requests = self.input_processor.process(request_id, prompt, params, lora_request=lora_request)
+        text, requests = self.input_processor.process(request_id, prompt, params, lora_request=lora_request,
+                                                      priority=priority)
         self.core.validate_structured_outputs(requests[0])  # children share the spec
         self.output_processor.add_request(request_id, text, requests, kind)
         for request in requests:
@@ -65,7 +71,12 @@ class LLMEngine:
         return outputs
 
     def get_stats(self) -> dict[str, Any]:
-        return self.core.stats()
+        """The core's stats, plus ``num_steps`` (steps that scheduled tokens) and ``last_step_num_tokens``
+        (what the latest one scheduled), from which the server's per-step token histogram is drawn."""
+        stats = self.core.stats()
+        scheduler = self.core.scheduler
+        stats["num_steps"], stats["last_step_num_tokens"] = scheduler.num_steps, scheduler.last_step_num_tokens
+        return stats
 
     def shutdown(self) -> None:
         """Stop the engine's workers (tensor_parallel_size > 1); idempotent."""

@@ -2,12 +2,15 @@
 
 Per request it keeps a streaming detokenizer (stop strings are found here, and
 the engine then ends the request), the logprobs so far, and for ``n`` > 1 the
-parent that gathers its children's completions.
+parent that gathers its children's completions. It also stamps when each child
+got its first and last tokens (one clock read per step), which the finished
+output carries in ``metrics`` for the server's latency histograms.
 """
 from __future__ import annotations
 
 import enum
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +41,8 @@ class _Child:
     error: RequestError | None = None
     sent_tokens: int = 0
     sent_logprobs: int = 0
+    first_token_time: float | None = None
+    last_token_time: float | None = None
 
     def fail(self, stage: str, exc: Exception, to_fail: list[str]) -> None:
         """End with finish reason "error"; the engine must end the request too (``to_fail``)
@@ -101,6 +106,7 @@ class OutputProcessor:
         touched: dict[str, _Parent] = {}
         to_stop: list[str] = []
         to_fail: list[str] = []
+        now = time.monotonic()
         for out in outputs:
             parent = self._parent_of.get(out.req_id)
             if parent is None:
@@ -110,7 +116,7 @@ class OutputProcessor:
                 if out.new_prompt_logprobs is not None and parent.prompt_logprobs is not None:
                     parent.prompt_logprobs.extend(logprobs_to_dicts(out.new_prompt_logprobs, self._decode))
                 if child.finish_reason is None:
-                    self._update_child(child, out, to_stop)
+                    self._update_child(child, out, to_stop, now)
             except Exception as exc:
                 child.fail("detokenizing the output or its logprobs", exc, to_fail)
             parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
@@ -124,13 +130,17 @@ class OutputProcessor:
                 self._forget(parent)
         return results, to_stop, to_fail
 
-    def _update_child(self, child: _Child, out: EngineCoreOutput, to_stop: list[str]) -> None:
+    def _update_child(self, child: _Child, out: EngineCoreOutput, to_stop: list[str], now: float) -> None:
         # ended by EOS or a stop token id: that last token is not part of the text
         stop_terminated = out.finish_reason == "stop" and (out.stop_reason is None or isinstance(out.stop_reason, int))
         stop_string = child.detokenizer.update(out.new_token_ids, stop_terminated)
         # a stop string may end before the last of several new tokens: the rest is dropped
         new_token_ids = out.new_token_ids[:child.detokenizer.num_taken_tokens]
         child.token_ids.extend(new_token_ids)
+        if new_token_ids:
+            if child.first_token_time is None:
+                child.first_token_time = now
+            child.last_token_time = now
         if out.new_logprobs is not None and child.logprobs is not None:
             entries = logprobs_to_dicts(out.new_logprobs, self._decode)[:len(new_token_ids)]
             child.logprobs.extend(entries)
@@ -181,8 +191,25 @@ class OutputProcessor:
             child.sent_tokens = len(child.token_ids)
             completions.append(CompletionOutput(child.index, text, tokens, child.cumulative_logprob, logprobs,
                                                 child.finish_reason, child.stop_reason, child.error))
+        finished = parent.finished
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, parent.prompt_logprobs,
-                             completions, parent.finished, parent.num_cached_tokens)
+                             completions, finished, parent.num_cached_tokens,
+                             _request_metrics(parent) if finished else {})
 
     def _decode(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
+
+
+def _request_metrics(parent: _Parent) -> dict[str, float]:
+    """The finished request's stamps (see RequestOutput.metrics); with ``n`` > 1 children the
+    request spans the earliest start to the latest token."""
+    children = parent.children.values()
+    metrics = {"arrival_time": min(c.request.arrival_time for c in children)}
+    for key, stamps, pick in (
+            ("first_scheduled_time", [c.request.first_scheduled_time for c in children], min),
+            ("first_token_time", [c.first_token_time for c in children], min),
+            ("last_token_time", [c.last_token_time for c in children], max)):
+        present = [stamp for stamp in stamps if stamp is not None]
+        if present:
+            metrics[key] = pick(present)
+    return metrics

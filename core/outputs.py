@@ -43,7 +43,10 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
+    # on the finished output only, time.monotonic() stamps: arrival_time, and when the request was
+    # first_scheduled, got its first_token and its last_token (``*_time``; absent: it never did). Not
+    # compared: two runs of the same request are equal outputs
+    metrics: dict[str, float] = field(default_factory=dict, compare=False)
 
 
 def logprobs_to_dicts(logprobs: Logprobs, decode) -> list[PositionLogprobs]:

@@ -89,6 +89,11 @@ class Request:
     stop_reason: int | str | None = None
     grammar: Any = None  # the request's Grammar when it asks for structured output
     error: RequestError | None = None  # set with status FINISHED_ERROR
+    # with scheduling_policy "priority": lower runs first, ties by arrival; "fcfs" allows only 0
+    priority: int = 0
+    # when the scheduler first admitted it (time.monotonic); None until then. Kept across
+    # preemptions: the metrics' queue time ends at the first admission, as vLLM's does
+    first_scheduled_time: float | None = None
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)

@@ -14,6 +14,12 @@ request is preempted by recompute (blocks freed, ``num_computed_tokens = 0``,
 front of the waiting queue) and allocation retried; no waiting request is
 admitted in a step that preempted.
 
+``scheduling_policy="priority"`` (vLLM's) changes two choices, nothing else: waiting
+requests are admitted in (``priority``, arrival) order, lower first, a preempted one
+taking its place by that order too; and the preemption victim is the running request
+that order puts last (largest ``priority``, latest arrival), which may be one already
+scheduled this step: its tokens go back to the budget.
+
 ``num_computed_tokens`` advances when a request is scheduled; ``update_from_output``
 rolls back rejected spec tokens and appends the sampled tokens one by one,
 checking stop conditions after each.
@@ -30,6 +36,7 @@ empty one.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Iterable
 
@@ -54,6 +61,9 @@ class Scheduler:
         self.max_loras = max_loras
         self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
         self.enable_chunked_prefill = scheduler_config.enable_chunked_prefill
+        self.priority_policy = scheduler_config.scheduling_policy == "priority"
+        # priority policy: the waiting queue got a request out of order since it was last sorted
+        self._waiting_unsorted = False
         capacity = (num_blocks - 1) * cache_config.block_size  # block 0 is the null block
         # with a window on every layer a request holds only the blocks its window and step reach
         held = blocks_per_request(max_model_len, cache_config.block_size, sliding_window, self.max_num_batched_tokens)
@@ -76,6 +86,10 @@ class Scheduler:
         self.spec_num_draft_tokens = 0
         self.spec_num_accepted_tokens = 0
         self.spec_num_verify_steps = 0  # request-steps that verified at least one draft
+        # steps that scheduled tokens, and how many the latest one scheduled (the metrics' per-step histogram);
+        # attributes rather than stats() keys, which callers compare whole
+        self.num_steps = 0
+        self.last_step_num_tokens = 0
 
     # ---- requests in and out ----
 
@@ -86,12 +100,14 @@ class Scheduler:
             raise ValueError(f"request_id {request.request_id!r} is already in the scheduler")
         if request.status not in _ADMISSIBLE:
             raise ValueError(f"a new request must be WAITING or WAITING_FOR_GRAMMAR, got {request.status.name}")
+        check_priority(request.priority, self.priority_policy)
         self.requests[request.request_id] = request
         if request.num_tokens >= self.max_model_len:
             request.status = RequestStatus.FINISHED_IGNORED
             self._ignored.append(request)
         else:
             self.waiting.append(request)
+            self._waiting_unsorted = self.priority_policy
 
     def abort_requests(self, request_ids: str | Iterable[str]) -> list[str]:
         return self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
@@ -149,8 +165,8 @@ class Scheduler:
     # ---- one step ----
 
     def schedule(self) -> SchedulerOutput:
-        """Pick this step's tokens: running requests first, then waiting ones (FCFS),
-        advancing each scheduled request's ``num_computed_tokens``."""
+        """Pick this step's tokens: running requests first, then waiting ones (FCFS, or by
+        priority), advancing each scheduled request's ``num_computed_tokens``."""
         out = SchedulerOutput([], [], {}, 0, finished_req_ids=self._finished_req_ids)
         self._finished_req_ids = set()
         budget = self.max_num_batched_tokens
@@ -159,9 +175,12 @@ class Scheduler:
             request = self.running[index]
             num_new = min(request.num_tokens_with_spec - request.num_computed_tokens, budget,
                           self.max_model_len - 1 - request.num_computed_tokens)
-            new_blocks = self._allocate_or_preempt(request, num_new, out.preempted_req_ids)
+            new_blocks, refund = self._allocate_or_preempt(request, num_new, out)
             if new_blocks is None:
                 break
+            if refund:  # a victim scheduled before this request left the list: find its place again
+                budget += refund
+                index = self.running.index(request)
             out.scheduled_cached_reqs.append(CachedRequestData(
                 request.request_id, [block.block_id for block in new_blocks], request.num_computed_tokens))
             budget -= self._take(request, num_new, out)
@@ -169,6 +188,9 @@ class Scheduler:
         if not out.preempted_req_ids:
             self._admit_waiting(budget, out)
         out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
+        if out.total_num_scheduled_tokens:
+            self.num_steps += 1
+            self.last_step_num_tokens = out.total_num_scheduled_tokens
         return out
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
@@ -222,19 +244,45 @@ class Scheduler:
 
     # ---- internals ----
 
-    def _allocate_or_preempt(self, request: Request, num_new: int, preempted: set[str]) -> list[KVCacheBlock] | None:
-        """Blocks for a running request, preempting from the back of the running list
-        until they fit; None if the request itself had to go."""
+    def _allocate_or_preempt(self, request: Request, num_new: int,
+                             out: SchedulerOutput) -> tuple[list[KVCacheBlock] | None, int]:
+        """Blocks for a running request, preempting victims (see ``_pop_victim``) until they
+        fit; None if the request itself had to go. Also the tokens given back by victims
+        already scheduled this step (only the priority policy picks those)."""
+        refund = 0
         while (new_blocks := self.kv_cache_manager.allocate_slots(request, num_new)) is None:
-            victim = self.running.pop()
+            victim = self._pop_victim()
+            refund += self._unschedule(victim, out)
             self._preempt(victim)
-            preempted.add(victim.request_id)
+            out.preempted_req_ids.add(victim.request_id)
             if victim is request:
-                return None
-        return new_blocks
+                return None, refund
+        return new_blocks, refund
+
+    def _pop_victim(self) -> Request:
+        """FCFS: the last admitted running request. Priority: the one the (priority, arrival)
+        order puts last, the later admitted on a full tie (children of one prompt)."""
+        if not self.priority_policy:
+            return self.running.pop()
+        victim = max(reversed(self.running), key=_priority_order)
+        self.running.remove(victim)
+        return victim
+
+    @staticmethod
+    def _unschedule(request: Request, out: SchedulerOutput) -> int:
+        """Take back a request scheduled earlier in this step; the tokens it had."""
+        num_tokens = out.num_scheduled_tokens.pop(request.request_id, 0)
+        if num_tokens:
+            out.scheduled_spec_decode_tokens.pop(request.request_id, None)
+            out.scheduled_cached_reqs = [r for r in out.scheduled_cached_reqs if r.req_id != request.request_id]
+        return num_tokens
 
     def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
+        if self._waiting_unsorted:  # stable: equal keys keep their queue order
+            self.waiting = deque(sorted(self.waiting, key=_priority_order))
+            self._waiting_unsorted = False
         passed_over: list[Request] = []
+        now = time.monotonic() if self.waiting else 0.0
         adapters = {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None}
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
@@ -257,6 +305,8 @@ class Scheduler:
             self.running.append(request)
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_hit_tokens
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit_tokens
             if lora is not None:
@@ -288,6 +338,7 @@ class Scheduler:
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
+        self._waiting_unsorted = self.priority_policy
 
     def _roll_back_rejected(self, request: Request, scheduled_spec: list[int], sampled: list[int]) -> None:
         """``sampled`` is the accepted drafts plus one bonus/corrected token; the
@@ -340,6 +391,20 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         del self.requests[request.request_id]
         self._finished_req_ids.add(request.request_id)
+
+
+def _priority_order(request: Request) -> tuple[int, float]:
+    return request.priority, request.arrival_time
+
+
+def check_priority(priority: object, priority_policy: bool) -> None:
+    """A ValueError naming ``priority`` (vLLM refuses the same): an int, and nonzero only under the
+    priority policy, where FCFS would silently ignore it."""
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ValueError(f"priority must be an int, got {priority!r}")
+    if priority and not priority_policy:
+        raise ValueError(f"priority={priority} needs scheduling_policy='priority'; this engine schedules 'fcfs', "
+                         "where every request has priority 0")
 
 
 def _first_rows(logprobs: Logprobs | None, num_rows: int) -> Logprobs | None:

@@ -12,7 +12,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 
+from .. import __version__
 from .async_engine import AsyncEngine, EngineError
 from .chat import create_chat_completion
 from .completions import create_completion
@@ -20,9 +22,11 @@ from .errors import APIError, ErrorResponse, error_body
 from .guards import MAX_HEADER_BYTES, APIKeyGuard, BodyLimit, HeaderLimit
 from .metrics import CONTENT_TYPE
 from ..errors import ConfigError
-from .protocol import ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
-from .responses import ModelCard, ModelList
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LoadLoRAAdapterRequest,
+                       TokenizeRequest, UnloadLoRAAdapterRequest)
+from .responses import DetokenizeResponse, ModelCard, ModelList, TokenizeResponse, VersionResponse
 from .serving import ServerState
+from . import tokenization
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 
@@ -41,12 +45,25 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[status]} for status in statuses}
 
 
+def check_cors_options(allowed_origins: list[str] | None, allowed_methods: list[str] | None,
+                       allowed_headers: list[str] | None, allow_credentials: bool) -> None:
+    """The CORS details mean nothing without origins: a ConfigError rather than a setting silently unused."""
+    if not allowed_origins and (allowed_methods is not None or allowed_headers is not None or allow_credentials):
+        raise ConfigError("--allowed-methods, --allowed-headers and --allow-credentials need --allowed-origins")
+
+
 def build_app(engine: AsyncEngine, *, model_names: list[str], api_key: str | None = None,
               chat_template: str | None = None, trust_request_chat_template: bool = False,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, lora_modules: dict[str, str] | None = None) -> FastAPI:
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, lora_modules: dict[str, str] | None = None,
+              allowed_origins: list[str] | None = None, allowed_methods: list[str] | None = None,
+              allowed_headers: list[str] | None = None, allow_credentials: bool = False) -> FastAPI:
     """The OpenAI-compatible app over ``engine``. Its lifespan starts the engine thread
     and, at shutdown, aborts what is still in flight and stops it. ``lora_modules``: adapter name ->
-    PEFT folder, served as models of their own (needs an engine with enable_lora)."""
+    PEFT folder, served as models of their own (needs an engine with enable_lora). ``model_names``: every
+    name a request may use (a response echoes it). ``allowed_origins`` (vLLM's CORS options, the methods
+    and headers ``["*"]`` when unset): without it no CORS headers are sent, so browsers on other origins
+    cannot read the answers."""
+    check_cors_options(allowed_origins, allowed_methods, allowed_headers, allow_credentials)
     state = ServerState(engine, model_names, chat_template, trust_request_chat_template,
                         sampling_defaults=engine.engine.core.generation_defaults.sampling)
     lora_enabled = engine.engine.core.config.lora.enable_lora
@@ -69,6 +86,9 @@ def build_app(engine: AsyncEngine, *, model_names: list[str], api_key: str | Non
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if api_key is not None:
         app.add_middleware(APIKeyGuard, api_key=api_key)
+    if allowed_origins:  # outside the key guard: a browser's preflight carries no key, and a 401 needs the headers
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=allowed_methods or ["*"],
+                           allow_headers=allowed_headers or ["*"], allow_credentials=allow_credentials)
     app.add_middleware(HeaderLimit, max_bytes=MAX_HEADER_BYTES)  # outermost: refused before anything else
     guarded = (401,) if api_key is not None else ()
 
@@ -111,6 +131,20 @@ def build_app(engine: AsyncEngine, *, model_names: list[str], api_key: str | Non
             if state.lora_adapters.pop(body.lora_name, None) is None:
                 raise APIError(404, f"The LoRA adapter '{body.lora_name}' is not served.", "lora_name")
             return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    @app.get("/version", responses=_errors(*guarded, 431))
+    async def version() -> VersionResponse:
+        return VersionResponse(version=__version__)
+
+    tokenizer_errors = _errors(400, *guarded, 404, 413, 431, 503)
+
+    @app.post("/tokenize", responses=tokenizer_errors)
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        return await tokenization.tokenize(state, body)
+
+    @app.post("/detokenize", responses=tokenizer_errors)
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        return await tokenization.detokenize(state, body)
 
     prometheus_text = {"description": "The Prometheus text exposition format, version 0.0.4.",
                        "content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}

@@ -155,12 +155,12 @@ class AsyncEngine:
         return await self._tokenizer_pool.run(fn, num_chars)
 
     async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                          lora_request: LoRARequest | None = None) -> RequestStream:
+                          lora_request: LoRARequest | None = None, priority: int = 0) -> RequestStream:
         """Queue a request; raises ValueError (naming the field) on bad input, or
         EngineUnavailableError when no more work is admitted."""
         stream = RequestStream(request_id, self)
         try:
-            await self.call(lambda engine: self._add(stream, prompt, params, lora_request))
+            await self.call(lambda engine: self._add(stream, prompt, params, lora_request, priority))
         except asyncio.CancelledError:  # the client left while the request was being added
             self.abort(request_id)
             raise
@@ -260,12 +260,12 @@ class AsyncEngine:
                 self._post(_resolve, command.future, None, refusal)
 
     def _add(self, stream: RequestStream, prompt: PromptType, params: SamplingParams,
-             lora_request: LoRARequest | None = None) -> None:
+             lora_request: LoRARequest | None = None, priority: int = 0) -> None:
         limit = self.max_num_queued_requests
         if limit is not None and self.engine.get_stats()["num_waiting"] + params.n > limit:
             raise EngineUnavailableError(f"too many requests are waiting (max_num_queued_requests={limit}); "
                                          "retry later", retry_after=1.0)
-        self.engine.add_request(stream.request_id, prompt, params, OutputKind.DELTA, lora_request)
+        self.engine.add_request(stream.request_id, prompt, params, OutputKind.DELTA, lora_request, priority)
         self._streams[stream.request_id] = stream
 
     def _abort(self, request_id: str) -> None:

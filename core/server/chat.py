@@ -61,7 +61,8 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
         raise invalid_input(exc, request.field_names()) from None
     state.check_context([prompt], params, request)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    [stream] = await add_all(state.engine, request_id, [prompt], params, request, state.lora_request(request))
+    [stream] = await add_all(state.engine, request_id, [prompt], params, request, state.lora_request(request),
+                             request.priority)
     if request.stream:
         model = state.response_model(request)
         return StreamingResponse(_stream(request, request_id, model, stream, params.n),

@@ -36,7 +36,8 @@ async def create_completion(state: ServerState, request: CompletionRequest) -> R
     if request.echo:  # decoding prompts that fit max_model_len: a regular worker's job
         echoes = await state.engine.tokenize(lambda processor: _echoes(processor, prompts), num_chars=0)
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    streams = await add_all(state.engine, request_id, prompts, params, request, state.lora_request(request))
+    streams = await add_all(state.engine, request_id, prompts, params, request, state.lora_request(request),
+                            request.priority)
     if request.stream:
         model = state.response_model(request)
         return StreamingResponse(_stream(request, request_id, model, streams, echoes, params.n),

@@ -20,7 +20,7 @@ import uvicorn
 
 from ..config import EngineConfig
 from ..llm_engine import LLMEngine
-from .app import DEFAULT_MAX_BODY_BYTES, build_app
+from .app import DEFAULT_MAX_BODY_BYTES, build_app, check_cors_options
 from .guards import MAX_HEADER_BYTES
 from .async_engine import AsyncEngine
 from .metrics import ServerMetrics
@@ -88,18 +88,29 @@ def uvicorn_config(app: object, *, host: str, port: int, shutdown_timeout: float
                           timeout_graceful_shutdown=shutdown_timeout, lifespan="on", log_level=log_level)
 
 
+def served_model_names(served_model_name: str | list[str] | None, model: str) -> list[str]:
+    """``--served-model-name`` (one name or several, duplicates dropped), else the model itself."""
+    names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
+    return list(dict.fromkeys(names)) or [model]
+
+
 def serve(config: EngineConfig, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          served_model_name: str | None = None, chat_template: str | None = None,
+          served_model_name: str | list[str] | None = None, chat_template: str | None = None,
           trust_request_chat_template: bool = False, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
           shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
-          log_level: str = "info", lora_modules: dict[str, str] | None = None) -> int:
+          log_level: str = "info", lora_modules: dict[str, str] | None = None,
+          allowed_origins: list[str] | None = None, allowed_methods: list[str] | None = None,
+          allowed_headers: list[str] | None = None, allow_credentials: bool = False) -> int:
     """Serve ``config``'s model (and ``lora_modules``, adapter name -> PEFT folder) until a signal; returns
-    the exit status."""
-    model_name = served_model_name or config.model.model
-    engine = AsyncEngine(LLMEngine(config), ServerMetrics(model_name))
-    app = build_app(engine, model_names=[model_name], api_key=api_key, chat_template=read_chat_template(chat_template),
+    the exit status. Requests may name the model by any of ``served_model_name``; the metrics carry the
+    first. ``allowed_origins`` and the rest: CORS, as ``build_app`` takes them."""
+    check_cors_options(allowed_origins, allowed_methods, allowed_headers, allow_credentials)  # before the engine
+    model_names = served_model_names(served_model_name, config.model.model)
+    engine = AsyncEngine(LLMEngine(config), ServerMetrics(model_names[0]))
+    app = build_app(engine, model_names=model_names, api_key=api_key, chat_template=read_chat_template(chat_template),
                     trust_request_chat_template=trust_request_chat_template, max_body_bytes=max_body_bytes,
-                    lora_modules=lora_modules)
+                    lora_modules=lora_modules, allowed_origins=allowed_origins, allowed_methods=allowed_methods,
+                    allowed_headers=allowed_headers, allow_credentials=allow_credentials)
     server = _Server(uvicorn_config(app, host=host, port=port, shutdown_timeout=shutdown_timeout + CANCEL_GRACE,
                                     log_level=log_level), engine, drain_timeout=shutdown_timeout)
     server.run()

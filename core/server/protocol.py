@@ -101,12 +101,14 @@ class GenerationRequest(BaseModel):
     guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
     guided_grammar: str | None = None
     structured_outputs: StructuredOutputsRequest | None = None
+    # vLLM's extension: lower is served first when the server runs --scheduling-policy priority
+    priority: int = 0
 
     def field_names(self) -> dict[str, str | None]:
         """The request's name for each engine field name, for the param of a 400 (see invalid_input)."""
         names: dict[str, str | None] = {name: name for name in _SAMPLING_FIELDS}
         names.update(max_tokens="max_tokens", logprobs="logprobs", prompt="prompt", prompt_token_ids="prompt",
-                     structured_outputs=self.structured_source())
+                     structured_outputs=self.structured_source(), priority="priority")
         return names
 
     def check_stream_options(self) -> None:
@@ -281,3 +283,48 @@ class UnloadLoRAAdapterRequest(_Body):
     """``POST /v1/unload_lora_adapter`` (vLLM's body): stop serving ``lora_name``."""
 
     lora_name: str = Field(min_length=1, max_length=256)
+
+
+class TokenizeRequest(_Body):
+    """``POST /tokenize`` (vLLM's body) in either of its forms: ``prompt``, a text, or ``messages``, a
+    conversation through the chat template (``add_generation_prompt`` and the fields after it apply to
+    it only). One model, not a union of the two, so that a 400 names the field and not a union member."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    # unset: true for a prompt; false for messages, whose template writes its own special tokens
+    add_special_tokens: bool | None = None
+    return_token_strs: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        """Exactly one form, valid Unicode everywhere, and chat options that agree (a 400 naming the field)."""
+        for name in type(self).model_fields:
+            _check_unicode_in(name, getattr(self, name))
+        if self.prompt is None and self.messages is None:
+            raise APIError(400, "give either prompt (a text) or messages (a conversation)", "prompt")
+        if self.prompt is not None and self.messages is not None:
+            raise APIError(400, "give either prompt or messages, not both", "messages")
+        if self.messages is not None and self.continue_final_message and self.add_generation_prompt:
+            raise APIError(400, "continue_final_message needs add_generation_prompt set to false",
+                           "continue_final_message")
+
+    def with_special_tokens(self) -> bool:
+        if self.add_special_tokens is not None:
+            return self.add_special_tokens
+        return self.messages is None
+
+
+class DetokenizeRequest(_Body):
+    """``POST /detokenize`` (vLLM's body): ``tokens`` back to text (ids are checked against the vocabulary
+    in the tokenizer pool, which knows its size)."""
+
+    model: str | None = None
+    tokens: list[TokenId]
+
+    def check(self) -> None:
+        _check_unicode_in("model", self.model)

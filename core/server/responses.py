@@ -198,3 +198,20 @@ def _text(lp: Logprob) -> str:
 
 def _floor(value: float) -> float:
     return max(value, MIN_LOGPROB)
+
+
+class TokenizeResponse(BaseModel):
+    """``POST /tokenize`` (vLLM's body): ``max_model_len`` lets a client see whether the prompt fits."""
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None  # with return_token_strs: each token as the vocabulary spells it
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str

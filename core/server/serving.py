@@ -56,8 +56,9 @@ class ServerState:
         return self.lora_adapters.get(request.model) if request.model is not None else None
 
     def response_model(self, request: GenerationRequest) -> str:
-        """The ``model`` a response names: the adapter asked for, else the base model's name."""
-        return request.model if request.model in self.lora_adapters else self.model_name
+        """The ``model`` a response names: the served name or adapter asked for, else the first name."""
+        served = request.model in self.model_names or request.model in self.lora_adapters
+        return request.model if served else self.model_name
 
     def check_request(self, request: GenerationRequest) -> None:
         """The model must be one this server serves and every string valid Unicode; unknown
@@ -115,13 +116,15 @@ def completion_error(completion: CompletionOutput) -> APIError | None:
 
 
 async def add_all(engine: AsyncEngine, base_id: str, prompts: list[PromptType], params: SamplingParams,
-                  request: GenerationRequest, lora_request: LoRARequest | None = None) -> list[RequestStream]:
-    """Add one engine request per prompt, all or nothing: a 400 for bad input."""
+                  request: GenerationRequest, lora_request: LoRARequest | None = None,
+                  priority: int = 0) -> list[RequestStream]:
+    """Add one engine request per prompt, all or nothing: a 400 for bad input (a ``priority`` the
+    scheduling policy refuses included)."""
     streams: list[RequestStream] = []
     try:
         for index, prompt in enumerate(prompts):
             request_id = base_id if len(prompts) == 1 else f"{base_id}-{index}"
-            streams.append(await engine.add_request(request_id, prompt, params, lora_request))
+            streams.append(await engine.add_request(request_id, prompt, params, lora_request, priority))
     except BaseException as exc:
         for stream in streams:
             stream.abort()
