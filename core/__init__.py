@@ -21,6 +21,7 @@ from .registry import ComponentRecord, Provider, Registry, get_registry
 from .request import Request, RequestError, RequestStatus
 from .sampling_params import SamplingParams
 from .structured import Grammar, GuidedDecoder, StructuredOutputsParams, UnsupportedStructuredOutput
+from .tool_parsing import ReasoningParser, ToolParser
 
 __all__ = [
     "LLM", "LLMEngine", "CompletionOutput", "Logprob", "RequestOutput", "Request", "RequestError", "RequestStatus",
@@ -29,7 +30,7 @@ __all__ = [
     "LoRARequest", "Model", "ModelConfig",
     "PluginLoadError", "Provider", "RefusedComponentError", "Registry", "RegistrationError",
     "SchedulerConfig", "SpeculativeConfig", "StructuredOutputsConfig", "StructuredOutputsParams",
-    "SupportsV0Only", "TokenmillError", "UnknownComponentError", "UnsupportedStructuredOutput",
+    "SupportsV0Only", "TokenmillError", "ToolParser", "ReasoningParser", "UnknownComponentError", "UnsupportedStructuredOutput",
     "__version__", "get_registry", "hookimpl", "hookspec",
 ]
 

@@ -18,7 +18,9 @@ ATTENTION_BACKEND = "attention_backend"
 DRAFTER = "drafter"
 GUIDED_DECODER = "guided_decoder"
 MODEL = "model"
-KINDS = (ATTENTION_BACKEND, DRAFTER, GUIDED_DECODER, MODEL)
+REASONING_PARSER = "reasoning_parser"
+TOOL_PARSER = "tool_parser"
+KINDS = (ATTENTION_BACKEND, DRAFTER, GUIDED_DECODER, MODEL, TOOL_PARSER, REASONING_PARSER)
 
 
 class SupportsV0Only:
@@ -37,7 +39,7 @@ class SupportsV0Only:
 
 
 class Component(ABC):
-    """Base of the four component kinds. Subclasses set ``kind`` and ``name``.
+    """Base of the component kinds (``KINDS``). Subclasses set ``kind`` and ``name``.
 
     A component's own options are a nested pydantic model named ``Options``; the keys of
     its config section that core does not own (``speculative_config={"method": ...,

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .components import ATTENTION_BACKEND, DRAFTER, GUIDED_DECODER, MODEL
+from .components import ATTENTION_BACKEND, DRAFTER, GUIDED_DECODER, MODEL, REASONING_PARSER, TOOL_PARSER
 from .config import _DEPRECATED, NO_FALLBACK
 
 
@@ -79,7 +79,8 @@ def _listing(feature: str, names: list[str], none_detail: str) -> dict[str, str]
 
 
 def feature_matrix(registry: ComponentSource) -> dict[str, Any]:
-    available = {kind: registry.available(kind) for kind in (ATTENTION_BACKEND, DRAFTER, GUIDED_DECODER, MODEL)}
+    available = {kind: registry.available(kind)
+                 for kind in (ATTENTION_BACKEND, DRAFTER, GUIDED_DECODER, MODEL, TOOL_PARSER, REASONING_PARSER)}
     refused_models = [r for r in registry.records(MODEL) if r.status == "refused"]
     guided = available[GUIDED_DECODER]
     structured = [f"{name}:{NO_FALLBACK} (modes: {', '.join(cls.capabilities().get('modes', []))})"
@@ -101,6 +102,8 @@ def feature_matrix(registry: ComponentSource) -> dict[str, Any]:
          "detail": "; ".join(f"{', '.join(names)}: {reason}" for reason, names in reasons.items())},
         spec,
         guided_row,
+        _listing("tool_call_parsers", sorted(available[TOOL_PARSER]), "no tool parser registered"),
+        _listing("reasoning_parsers", sorted(available[REASONING_PARSER]), "no reasoning parser registered"),
         *({"feature": f, "status": s, "detail": d} for f, s, d in ENGINE_FEATURES),
         {"feature": "deprecated_options", "status": "deprecated",
          "detail": "rejected with an error: " + ", ".join(sorted(_DEPRECATED))},

@@ -92,3 +92,32 @@ def tokenmill_register_models(register):
         ``SupportsV0Only`` is listed as refused: loading a checkpoint of that
         architecture fails with its ``v0_only_reason``.
     """
+
+
+# ---------------------------------------------------------------- chat output parsing
+
+
+@hookspec
+def tokenmill_register_tool_parsers(register):
+    """Register tool-call parsers (the chat endpoint's ``tool_call_parser``).
+
+    :param register: call ``register(cls)`` with each subclass of
+        ``tokenmill.tool_parsing.ToolParser``. ``__init__(tokenizer)`` is called
+        once per request; ``extract(text, tools)`` splits a finished output into
+        content and ``ToolCall`` objects; ``extract_streaming(previous_text,
+        current_text, delta_text, tools)`` returns the ``DeltaMessage`` that the
+        newest text adds (or None) and ``finish(current_text, tools)`` what was
+        held back, so that the deltas add up to ``extract``'s result.
+    """
+
+
+@hookspec
+def tokenmill_register_reasoning_parsers(register):
+    """Register reasoning parsers (the chat endpoint's ``reasoning_parser``).
+
+    :param register: call ``register(cls)`` with each subclass of
+        ``tokenmill.tool_parsing.ReasoningParser``. ``extract(text)`` returns
+        ``(reasoning_content, content)``; ``extract_streaming(previous_text,
+        current_text, delta_text)`` and ``finish(current_text)`` stream the same
+        split as ``DeltaMessage`` objects.
+    """

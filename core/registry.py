@@ -22,17 +22,20 @@ import pluggy
 
 from . import hookspecs
 from .attention import AttentionBackend
-from .components import ATTENTION_BACKEND, DRAFTER, GUIDED_DECODER, KINDS, MODEL, SupportsV0Only
+from .components import (ATTENTION_BACKEND, DRAFTER, GUIDED_DECODER, KINDS, MODEL, REASONING_PARSER, TOOL_PARSER,
+                         SupportsV0Only)
 from .drafter import Drafter
 from .errors import PluginLoadError, RefusedComponentError, RegistrationError, UnknownComponentError
 from .model_base import Model
 from .structured import GuidedDecoder
+from .tool_parsing import ReasoningParser, ToolParser
 
 BUILTIN_PLUGINS = (
     "tokenmill.plugins.attention",
     "tokenmill.plugins.spec_decode",
     "tokenmill.plugins.structured",
     "tokenmill.plugins.models",
+    "tokenmill.plugins.tool_parsers",
 )
 ENTRY_POINT_GROUP = "tokenmill.plugins"
 ALLOWLIST_ENV = "TOKENMILL_PLUGINS"
@@ -42,6 +45,8 @@ _HOOKS = {
     DRAFTER: ("tokenmill_register_drafters", Drafter),
     GUIDED_DECODER: ("tokenmill_register_guided_decoders", GuidedDecoder),
     MODEL: ("tokenmill_register_models", Model),
+    TOOL_PARSER: ("tokenmill_register_tool_parsers", ToolParser),
+    REASONING_PARSER: ("tokenmill_register_reasoning_parsers", ReasoningParser),
 }
 _UNSET: Any = object()
 

@@ -111,7 +111,7 @@ def test_unknown_plugin_is_a_usage_error(plugin_site, tmp_path):
 
 def test_builtin_plugins_pass_their_own_conformance_suite(plugin_site, tmp_path):
     for module in ("tokenmill.plugins.attention", "tokenmill.plugins.spec_decode", "tokenmill.plugins.structured",
-                   "tokenmill.plugins.models"):
+                   "tokenmill.plugins.models", "tokenmill.plugins.tool_parsers"):
         result = run_suite(plugin_site, tmp_path, module)
         assert result.returncode == 0, result.stdout + result.stderr
 

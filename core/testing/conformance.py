@@ -7,6 +7,7 @@ pytest plugin in ``tokenmill.testing`` turns them into test items.
 from __future__ import annotations
 
 import importlib
+import json
 import random
 from collections.abc import Callable
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 from pydantic import BaseModel
 
-from ..components import ATTENTION_BACKEND, DRAFTER, GUIDED_DECODER, MODEL
+from ..components import ATTENTION_BACKEND, DRAFTER, GUIDED_DECODER, MODEL, REASONING_PARSER, TOOL_PARSER
 from ..distributed import TensorParallel, get_tensor_parallel
 from ..errors import ConfigError
 from .builders import make_attention_metadata, shuffled_block_tables
@@ -380,6 +381,178 @@ def _tensor_parallel_logits(module: str, qualname: str, hf_config, state: dict) 
         return model.compute_logits(torch.cat([prefill, decode]))
 
 
+# ---------------------------------------------------------------- tool-call and reasoning parsers
+
+# Text no built-in markup can start with or contain: brackets, braces, tags and quotes included.
+PLAIN_TEXTS = ("Hello, world!", "Paris is the capital of France.\n", "  indented\n\ttabbed  \n\n",
+               "a < b and c > d; [1, 2] {x} \"quoted\" \\ back", 'JSON in prose: {"a": 1} and [2]',
+               "unicode: é ß 漢字 🙂", "x")
+_WORDS = ("the", "weather", "in", "Paris", "is", "sunny", "é", "漢字", "🙂", "<", ">", "{", "}", "[", "]",
+          "\"", "\\", ";", ":", ",", "\n", "\t", "", "1.5")
+
+
+def _random_json(rng: random.Random, depth: int = 0):
+    roll = rng.random()
+    if depth < 3 and roll < 0.25:
+        return {f"k{i}_{rng.choice(_WORDS)}": _random_json(rng, depth + 1) for i in range(rng.randrange(4))}
+    if depth < 3 and roll < 0.4:
+        return [_random_json(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return rng.choice([rng.randrange(-1000, 1000), rng.random() * 100, True, False, None,
+                       " ".join(rng.choice(_WORDS) for _ in range(rng.randrange(6)))])
+
+
+def _random_text(rng: random.Random) -> str:
+    """Prose that starts with a letter (a leading brace is markup for some formats)."""
+    return "Sure" + " ".join(rng.choice(_WORDS) for _ in range(rng.randrange(12)))
+
+
+def _chunkings(rng: random.Random, text: str) -> list[list[str]]:
+    """The text whole, a character at a time, and in random pieces (the way tokens decode)."""
+    chunkings = [[text], list(text)]
+    for _ in range(3):
+        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randrange(1, 12)))) if len(text) > 1 \
+            else []
+        chunkings.append([text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])])
+    return chunkings
+
+
+def _tool_samples(cls, rng: random.Random) -> list[tuple[str, list[tuple[str, dict]] | None, str]]:
+    """(output, the calls it holds or None when unknown, its content) for generated outputs."""
+    samples: list[tuple[str, list[tuple[str, dict]] | None, str]] = [(t, [], t) for t in PLAIN_TEXTS]
+    try:
+        cls.example_output([("f", {})])
+    except NotImplementedError:
+        return samples
+    for _ in range(12):
+        calls = [(f"get_{rng.choice(['weather', 'time', 'x'])}_{i}",
+                  {f"arg{j}": _random_json(rng, 1) for j in range(rng.randrange(4))})
+                 for i in range(rng.randrange(1, 4))]
+        content = _random_text(rng) if rng.random() < 0.6 else ""
+        samples.append((cls.example_output(calls, content), calls, content))
+    return samples
+
+
+def _streamed_tool_calls(parser, chunks: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
+    """Feed ``chunks`` to ``extract_streaming`` and ``finish``; the content and (name, arguments)
+    the deltas add up to, checking the delta protocol on the way."""
+    content, calls, ids = "", [], []
+    previous = ""
+    deltas = []
+    for chunk in chunks:
+        current = previous + chunk
+        deltas.append(parser.extract_streaming(previous, current, chunk, None))
+        previous = current
+    deltas.append(parser.finish(previous, None))
+    for delta in deltas:
+        if delta is None:
+            continue
+        content += delta.content or ""
+        assert delta.reasoning_content is None, f"a tool parser streamed reasoning_content {delta!r}"
+        for piece in delta.tool_calls:
+            if piece.index == len(calls):
+                assert piece.id and piece.id.startswith("call_") and piece.name, \
+                    f"the first delta of call {piece.index} must carry its id and name: {piece!r}"
+                calls.append([piece.name, ""])
+                ids.append(piece.id)
+            else:
+                assert piece.index == len(calls) - 1 and piece.id is None and piece.name is None, \
+                    f"call deltas come in order, id and name only in the first: {piece!r} after {len(calls)} calls"
+            calls[-1][1] += piece.arguments_delta
+    assert len(set(ids)) == len(ids), f"streamed tool call ids repeat: {ids}"
+    return content or None, [tuple(c) for c in calls]
+
+
+def tool_parser_extracts_generated_calls(cls) -> None:
+    """Outputs written with ``example_output``: the same calls come back, in order, each with a fresh
+    ``call_`` id and its arguments as a JSON object string; the content is the text around them."""
+    rng = random.Random(0)
+    try:
+        cls.example_output([("f", {})])
+    except NotImplementedError:
+        pytest.skip(f"{cls.__qualname__} has no example_output: checked on plain text only")
+    for text, calls, content in _tool_samples(cls, rng):
+        result = cls(None).extract(text, None)
+        got = [(c.name, json.loads(c.arguments)) for c in result.tool_calls]
+        assert got == calls, f"{cls.name}: {text!r} gave calls {got}, expected {calls}"
+        for call in result.tool_calls:
+            assert isinstance(call.arguments, str) and isinstance(json.loads(call.arguments), dict), \
+                f"{cls.name}: arguments must be a JSON object string, got {call.arguments!r}"
+        ids = [c.id for c in result.tool_calls]
+        assert all(i.startswith("call_") for i in ids) and len(set(ids)) == len(ids), f"{cls.name}: ids {ids}"
+        assert (result.content or "").strip() == content.strip(), \
+            f"{cls.name}: {text!r} gave content {result.content!r}, expected {content!r}"
+
+
+def tool_parser_leaves_plain_text_alone(cls) -> None:
+    """An output without calls is its content, exactly as written, and it has no calls."""
+    for text in PLAIN_TEXTS:
+        result = cls(None).extract(text, None)
+        assert result.content == text and not result.tool_calls, \
+            f"{cls.name}: plain text {text!r} came back as {result!r}"
+
+
+def tool_parser_streams_what_it_extracts(cls) -> None:
+    """Every sample fed to ``extract_streaming`` in several chunkings (one character at a time
+    among them) then ``finish``: the deltas add up to ``extract``'s content and calls."""
+    rng = random.Random(1)
+    for text, _, _ in _tool_samples(cls, rng):
+        expected = cls(None).extract(text, None)
+        want = (expected.content, [(c.name, c.arguments) for c in expected.tool_calls])
+        for chunks in _chunkings(rng, text):
+            got = _streamed_tool_calls(cls(None), chunks)
+            assert got == want, f"{cls.name}: {text!r} streamed in {len(chunks)} chunks gave {got}, extract {want}"
+
+
+def _streamed_reasoning(parser, chunks: list[str]) -> tuple[str | None, str | None]:
+    reasoning, content, previous = "", "", ""
+    deltas = []
+    for chunk in chunks:
+        deltas.append(parser.extract_streaming(previous, previous + chunk, chunk))
+        previous += chunk
+    deltas.append(parser.finish(previous))
+    for delta in deltas:
+        if delta is not None:
+            assert not delta.tool_calls, f"a reasoning parser streamed tool calls {delta!r}"
+            reasoning += delta.reasoning_content or ""
+            content += delta.content or ""
+    return reasoning or None, content or None
+
+
+def reasoning_parser_round_trips(cls) -> None:
+    """Outputs written with ``example_output`` give back their reasoning and content, non-streamed
+    and streamed in several chunkings (one character at a time among them)."""
+    rng = random.Random(2)
+    try:
+        cls.example_output("r", "c")
+    except NotImplementedError:
+        pytest.skip(f"{cls.__qualname__} has no example_output to generate samples with")
+    for _ in range(12):
+        reasoning = _random_text(rng) if rng.random() < 0.8 else ""
+        content = _random_text(rng) if rng.random() < 0.8 else ""
+        text = cls.example_output(reasoning, content)
+        want = (reasoning or None, content or None)
+        got = cls(None).extract(text)
+        assert got == want, f"{cls.name}: {text!r} gave {got}, expected {want}"
+        for chunks in _chunkings(rng, text):
+            streamed = _streamed_reasoning(cls(None), chunks)
+            assert streamed == want, f"{cls.name}: {text!r} streamed in {len(chunks)} chunks gave {streamed}"
+
+
+def reasoning_parser_streams_what_it_extracts(cls) -> None:
+    """Whatever the text (plain prose, a cut-off output, stray tags), the streamed split adds up
+    to ``extract``'s; text without markup is kept whole, as reasoning or as content."""
+    rng = random.Random(3)
+    texts = [*PLAIN_TEXTS, "<", "<think", "</think>", "<think>cut off", "answer</think>", "a</think>b</think>c"]
+    for text in texts:
+        want = cls(None).extract(text)
+        if text in PLAIN_TEXTS:
+            assert (want[0] or "") + (want[1] or "") == text, f"{cls.name}: {text!r} lost text: {want}"
+        for chunks in _chunkings(rng, text):
+            streamed = _streamed_reasoning(cls(None), chunks)
+            assert streamed == want, f"{cls.name}: {text!r} streamed in {len(chunks)} chunks gave {streamed}, " \
+                                     f"extract {want}"
+
+
 # ---------------------------------------------------------------- options (every kind)
 
 
@@ -404,4 +577,8 @@ CHECKS: dict[str, list[Callable]] = {
     GUIDED_DECODER: [guided_choice_contract, guided_rejects_what_it_cannot_honour, options_are_validated],
     MODEL: [model_matches_transformers, model_uses_paged_cache, model_runs_quantized, model_runs_tensor_parallel,
             options_are_validated],
+    TOOL_PARSER: [tool_parser_extracts_generated_calls, tool_parser_leaves_plain_text_alone,
+                  tool_parser_streams_what_it_extracts, options_are_validated],
+    REASONING_PARSER: [reasoning_parser_round_trips, reasoning_parser_streams_what_it_extracts,
+                       options_are_validated],
 }
