@@ -30,7 +30,8 @@ __all__ = [
     "LoRARequest", "Model", "ModelConfig",
     "PluginLoadError", "Provider", "RefusedComponentError", "Registry", "RegistrationError",
     "SchedulerConfig", "SpeculativeConfig", "StructuredOutputsConfig", "StructuredOutputsParams",
-    "SupportsV0Only", "TokenmillError", "ToolParser", "ReasoningParser", "UnknownComponentError", "UnsupportedStructuredOutput",
+    "SupportsV0Only", "TokenmillError", "ToolParser", "ReasoningParser", "UnknownComponentError",
+    "UnsupportedStructuredOutput",
     "__version__", "get_registry", "hookimpl", "hookspec",
 ]
 
