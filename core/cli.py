@@ -140,7 +140,9 @@ def _serve(args: argparse.Namespace) -> int:
                  max_body_bytes=args.max_request_body_bytes, shutdown_timeout=args.shutdown_timeout,
                  log_level=args.log_level, lora_modules=_lora_modules(args.lora_modules),
                  allowed_origins=args.allowed_origins, allowed_methods=args.allowed_methods,
-                 allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials)
+                 allowed_headers=args.allowed_headers, allow_credentials=args.allow_credentials,
+                 enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
+                 reasoning_parser=args.reasoning_parser)
 
 
 def _json_str_list(value: str) -> list[str]:
@@ -259,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--trust-request-chat-template", action="store_true",
                        help="run the chat_template a request sends (off: a template is code, and can take "
                             "unbounded time)")
+    serve.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help="let chat requests use tool_choice \"auto\" (needs --tool-call-parser)")
+    serve.add_argument("--tool-call-parser", metavar="NAME",
+                       help="the registered tool parser that finds \"auto\" tool calls in the model's text "
+                            "(built in: hermes, llama3_json, mistral)")
+    serve.add_argument("--reasoning-parser", metavar="NAME",
+                       help="the registered reasoning parser that moves the model's reasoning to reasoning_content "
+                            "(built in: think)")
     serve.add_argument("--max-num-queued-requests", type=int,
                        help="refuse new requests (503) once this many wait to be scheduled (default: no limit)")
     serve.add_argument("--max-request-body-bytes", type=int, default=8 << 20)

@@ -15,6 +15,7 @@ import uvicorn
 from builders import TINY_CONFIGS, make_byte_level_checkpoint, make_checkpoint
 from tokenmill.config import EngineConfig
 from tokenmill.llm_engine import LLMEngine
+from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.server import AsyncEngine, ServerMetrics, build_app
 from tokenmill.server.launch import uvicorn_config
 
@@ -94,3 +95,40 @@ def make_byte_level_model(path: Path, seed: int = 2) -> Path:
 
 def make_byte_level_engine(model: Path, **options) -> LLMEngine:
     return make_engine(model, **{**BYTE_LEVEL_ENGINE_OPTIONS, **options})
+
+
+class ScriptedStream:
+    """Stands in for an engine request's stream: ``text``, a few characters per delta, then finish
+    reason "stop". Small pieces split markup across deltas, as a model's tokens do."""
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], text: str, piece: int = 3) -> None:
+        self.request_id, self.prompt_token_ids, self.text, self.piece = request_id, prompt_token_ids, text, piece
+
+    def __aiter__(self):
+        return self._outputs()
+
+    async def _outputs(self):
+        pieces = [self.text[i:i + self.piece] for i in range(0, len(self.text), self.piece)] or [""]
+        for number, piece in enumerate(pieces):
+            last = number == len(pieces) - 1
+            yield RequestOutput(self.request_id, None, self.prompt_token_ids, None,
+                                [CompletionOutput(0, piece, [1], None, None, "stop" if last else None)], last)
+
+    def abort(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def scripted_output(server: RunningServer, text: str) -> Iterator[None]:
+    """Until the block ends the server's engine answers each request (n=1) with ``text``: what a
+    random tiny model cannot be made to write. The prompt still goes through the chat template and
+    the tokenizer, and the answer through the endpoint's parsing and its server-sent events."""
+
+    async def add_request(request_id, prompt, params, lora_request=None, priority=0):
+        return ScriptedStream(request_id, prompt["prompt_token_ids"], text)
+
+    server.engine.add_request = add_request
+    try:
+        yield
+    finally:
+        del server.engine.add_request

@@ -16,7 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from .. import __version__
 from .async_engine import AsyncEngine, EngineError
-from .chat import create_chat_completion
+from .chat import ChatToolSettings, create_chat_completion
 from .completions import create_completion
 from .errors import APIError, ErrorResponse, error_body
 from .guards import MAX_HEADER_BYTES, APIKeyGuard, BodyLimit, HeaderLimit
@@ -56,14 +56,18 @@ def build_app(engine: AsyncEngine, *, model_names: list[str], api_key: str | Non
               chat_template: str | None = None, trust_request_chat_template: bool = False,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, lora_modules: dict[str, str] | None = None,
               allowed_origins: list[str] | None = None, allowed_methods: list[str] | None = None,
-              allowed_headers: list[str] | None = None, allow_credentials: bool = False) -> FastAPI:
+              allowed_headers: list[str] | None = None, allow_credentials: bool = False,
+              enable_auto_tool_choice: bool = False, tool_call_parser: str | None = None,
+              reasoning_parser: str | None = None) -> FastAPI:
     """The OpenAI-compatible app over ``engine``. Its lifespan starts the engine thread
     and, at shutdown, aborts what is still in flight and stops it. ``lora_modules``: adapter name ->
     PEFT folder, served as models of their own (needs an engine with enable_lora). ``model_names``: every
     name a request may use (a response echoes it). ``allowed_origins`` (vLLM's CORS options, the methods
     and headers ``["*"]`` when unset): without it no CORS headers are sent, so browsers on other origins
-    cannot read the answers."""
+    cannot read the answers. ``enable_auto_tool_choice``, ``tool_call_parser``, ``reasoning_parser``: the chat
+    endpoint's tool calling and reasoning (see ``ChatToolSettings``)."""
     check_cors_options(allowed_origins, allowed_methods, allowed_headers, allow_credentials)
+    tool_settings = ChatToolSettings(enable_auto_tool_choice, tool_call_parser, reasoning_parser)
     state = ServerState(engine, model_names, chat_template, trust_request_chat_template,
                         sampling_defaults=engine.engine.core.generation_defaults.sampling)
     lora_enabled = engine.engine.core.config.lora.enable_lora
@@ -164,7 +168,7 @@ def build_app(engine: AsyncEngine, *, model_names: list[str], api_key: str | Non
 
     @app.post("/v1/chat/completions", responses=generation_responses)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await _cancel_on_disconnect(request, create_chat_completion(state, body))
+        return await _cancel_on_disconnect(request, create_chat_completion(state, body, tool_settings))
 
     return app
 

@@ -21,6 +21,7 @@ import uvicorn
 from ..config import EngineConfig
 from ..llm_engine import LLMEngine
 from .app import DEFAULT_MAX_BODY_BYTES, build_app, check_cors_options
+from .chat import ChatToolSettings
 from .guards import MAX_HEADER_BYTES
 from .async_engine import AsyncEngine
 from .metrics import ServerMetrics
@@ -100,17 +101,22 @@ def serve(config: EngineConfig, *, host: str = "127.0.0.1", port: int = 8000, ap
           shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
           log_level: str = "info", lora_modules: dict[str, str] | None = None,
           allowed_origins: list[str] | None = None, allowed_methods: list[str] | None = None,
-          allowed_headers: list[str] | None = None, allow_credentials: bool = False) -> int:
+          allowed_headers: list[str] | None = None, allow_credentials: bool = False,
+          enable_auto_tool_choice: bool = False, tool_call_parser: str | None = None,
+          reasoning_parser: str | None = None) -> int:
     """Serve ``config``'s model (and ``lora_modules``, adapter name -> PEFT folder) until a signal; returns
     the exit status. Requests may name the model by any of ``served_model_name``; the metrics carry the
-    first. ``allowed_origins`` and the rest: CORS, as ``build_app`` takes them."""
+    first. ``allowed_origins`` and the rest: CORS, and the tool options, as ``build_app`` takes them."""
     check_cors_options(allowed_origins, allowed_methods, allowed_headers, allow_credentials)  # before the engine
+    ChatToolSettings(enable_auto_tool_choice, tool_call_parser, reasoning_parser)  # a bad parser name, before too
     model_names = served_model_names(served_model_name, config.model.model)
     engine = AsyncEngine(LLMEngine(config), ServerMetrics(model_names[0]))
     app = build_app(engine, model_names=model_names, api_key=api_key, chat_template=read_chat_template(chat_template),
                     trust_request_chat_template=trust_request_chat_template, max_body_bytes=max_body_bytes,
                     lora_modules=lora_modules, allowed_origins=allowed_origins, allowed_methods=allowed_methods,
-                    allowed_headers=allowed_headers, allow_credentials=allow_credentials)
+                    allowed_headers=allowed_headers, allow_credentials=allow_credentials,
+                    enable_auto_tool_choice=enable_auto_tool_choice, tool_call_parser=tool_call_parser,
+                    reasoning_parser=reasoning_parser)
     server = _Server(uvicorn_config(app, host=host, port=port, shutdown_timeout=shutdown_timeout + CANCEL_GRACE,
                                     log_level=log_level), engine, drain_timeout=shutdown_timeout)
     server.run()

@@ -9,10 +9,11 @@ working.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from ..input_processor import PromptType
 from ..sampling_params import (MAX_ABS_LOGIT_BIAS, MAX_LOGPROBS, MAX_N, MAX_REPETITION_PENALTY, MAX_SEED,
@@ -32,6 +33,9 @@ _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_pen
                     "skip_special_tokens", "spaces_between_special_tokens", "prompt_logprobs", "best_of")
 _GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
                   "guided_grammar": "grammar"}
+
+
+AUTO_TOOL_CHOICE_MESSAGE = "\"auto\" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set"
 
 
 class _Body(BaseModel):
@@ -204,18 +208,65 @@ class ContentPart(_Body):
     text: str
 
 
+class FunctionCallIn(_Body):
+    name: str
+    arguments: str
+
+
+class ToolCallIn(_Body):
+    """A call an earlier assistant message made, as the client sends it back."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant message that called tools
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
-    def to_template(self) -> dict[str, str]:
-        """The message as chat templates expect it: text parts joined by newlines."""
+    def to_template(self) -> dict[str, Any]:
+        """The message as chat templates expect it: text parts joined by newlines; a call's
+        arguments as an object (transformers' templates index into them), as a string only
+        when they are not a JSON object."""
         content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content or [])
-        message = {"role": self.role, "content": content}
+        message: dict[str, Any] = {"role": self.role, "content": content}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": call.id, "type": call.type,
+                                      "function": {"name": call.function.name,
+                                                   "arguments": _arguments_for_template(call.function.arguments)}}
+                                     for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message
+
+
+def _arguments_for_template(arguments: str) -> Any:
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return arguments
+    return value if isinstance(value, dict) else arguments
+
+
+ToolName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")]
+
+
+class FunctionDefinition(_Body):
+    name: ToolName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -224,8 +275,11 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: NumLogprobs | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ChatTool] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    # set by the chat endpoint for tool_choice "required" or a named function: the JSON schema the output must match
+    _tool_call_schema: dict[str, Any] | None = PrivateAttr(default=None)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template: str | None = None
@@ -237,14 +291,86 @@ class ChatCompletionRequest(GenerationRequest):
                      max_tokens="max_tokens" if self.max_completion_tokens is None else "max_completion_tokens")
         return names
 
-    def conversation(self) -> list[dict[str, str]]:
+    def conversation(self) -> list[dict[str, Any]]:
         if not self.messages:
             raise APIError(400, "messages must not be empty", "messages")
-        if self.tools:
-            raise APIError(400, "tools are not supported by this server", "tools")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise APIError(400, "tool_choice is not supported by this server", "tool_choice")
         return [message.to_template() for message in self.messages]
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as chat templates take them (transformers' ``tools=``), None without any."""
+        return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None
+
+    def effective_tool_choice(self, auto_enabled: bool) -> str | dict[str, Any]:
+        """``"none"``, ``"auto"``, ``"required"`` or the named-function dict, checked: a 400
+        naming the field. As in the OpenAI API an unset choice is "auto" when there are tools
+        and "none" without; "auto" needs a server started with a tool-call parser."""
+        self._check_tool_schemas()
+        names = [tool.function.name for tool in self.tools or []]
+        choice = self.tool_choice
+        if choice is None:
+            choice = "auto" if names else "none"
+            if choice == "auto" and not auto_enabled:
+                raise APIError(400, f"tools: {AUTO_TOOL_CHOICE_MESSAGE}, or send tool_choice \"required\", "
+                                    "\"none\" or a named function", "tools")
+            return choice
+        if isinstance(choice, str):
+            if choice not in ("none", "auto", "required"):
+                raise APIError(400, f"tool_choice: expected \"none\", \"auto\", \"required\" or "
+                                    f"{{\"type\": \"function\", \"function\": {{\"name\": ...}}}}, got {choice!r}",
+                               "tool_choice")
+            if choice == "auto" and not auto_enabled:
+                raise APIError(400, AUTO_TOOL_CHOICE_MESSAGE, "tool_choice")
+            if choice == "required" and not names:
+                raise APIError(400, "tool_choice: \"required\" needs tools", "tool_choice")
+            return choice
+        function = choice.get("function")
+        if (choice.get("type") != "function" or not isinstance(function, dict)
+                or not isinstance(function.get("name"), str)):
+            raise APIError(400, "tool_choice: a named tool choice is {\"type\": \"function\", \"function\": "
+                                "{\"name\": ...}}", "tool_choice")
+        if function["name"] not in names:
+            raise APIError(400, f"tool_choice: no function named {function['name']!r} in tools "
+                                f"(tools has {names or 'none'})", "tool_choice")
+        return choice
+
+    def force_tool_calls(self, schema: dict[str, Any]) -> None:
+        """Constrain the output to ``schema`` (the calls of tool_choice "required" or a named function)."""
+        self._tool_call_schema = schema
+
+    def structured_source(self) -> str | None:
+        source = super().structured_source()
+        if self._tool_call_schema is None:
+            return source
+        if source is not None:
+            raise APIError(400, f"{source} cannot be combined with tool_choice {self.tool_choice!r}: the tool "
+                                "calls already fix the output's format", source)
+        return "tools"
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        if self.structured_source() == "tools":
+            return StructuredOutputsParams(json=self._tool_call_schema)
+        return super().structured_outputs_params()
+
+    def _check_tool_schemas(self) -> None:
+        import jsonschema
+
+        seen: set[str] = set()
+        for index, tool in enumerate(self.tools or []):
+            name = tool.function.name
+            if name in seen:
+                raise APIError(400, f"tools: the function name {name!r} is given twice", f"tools.{index}.function.name")
+            seen.add(name)
+            parameters = tool.function.parameters
+            if parameters is None:
+                continue
+            try:
+                jsonschema.validators.validator_for(parameters).check_schema(parameters)
+            except jsonschema.SchemaError as exc:
+                raise APIError(400, f"tools.{index}.function.parameters: not a valid JSON schema: {exc.message}",
+                               f"tools.{index}.function.parameters") from None
+            if parameters.get("type", "object") != "object":
+                raise APIError(400, f"tools.{index}.function.parameters: the arguments are a JSON object, so the "
+                                    f"schema's type must be \"object\"", f"tools.{index}.function.parameters")
 
     def sampling_params(self, defaults: Mapping[str, Any]) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:

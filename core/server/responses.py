@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, model_serializer
 
 from ..outputs import Logprob, PositionLogprobs
 
@@ -76,9 +76,35 @@ class ChatLogprobs(BaseModel):
     content: list[ChatLogprobEntry] | None = None
 
 
-class ChatMessageOut(BaseModel):
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
+class _OptionalParts(BaseModel):
+    """A message whose reasoning and tool calls are left out when it has none: a reply without
+    them is what it was before tools existed."""
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_parts(self, handler: SerializerFunctionWrapHandler) -> dict:
+        data = handler(self)
+        for key in ("reasoning_content", "tool_calls"):
+            if not data.get(key):
+                data.pop(key, None)
+        return data
+
+
+class ChatMessageOut(_OptionalParts):
     role: str = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -99,9 +125,25 @@ class ChatCompletionResponse(BaseModel):
     prompt_logprobs: PromptLogprobs | None = None
 
 
-class DeltaMessage(BaseModel):
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCallOut(BaseModel):
+    """A piece of the call at ``index``; ``id``, ``type`` and ``function.name`` only in its first piece."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
+class DeltaMessage(_OptionalParts):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCallOut] | None = None
 
 
 class ChatStreamChoice(BaseModel):
