@@ -329,3 +329,20 @@ def test_cli_serve_has_the_tool_flags():
     args = build_parser().parse_args(["serve", "m", "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
                                       "--reasoning-parser", "think"])
     assert (args.enable_auto_tool_choice, args.tool_call_parser, args.reasoning_parser) == (True, "hermes", "think")
+
+
+@pytest.mark.parametrize("parser", ["hermes", "llama3_json", "mistral"])
+def test_auto_with_each_built_in_parser_finds_its_format_streamed_and_not(model_path, parser):
+    from tokenmill.registry import get_registry
+
+    calls = [("get_weather", {"city": "Rome", "unit": "c"}), ("get_time", {"zone": "CET"})]
+    text = get_registry().get("tool_parser", parser).example_output(calls, "Checking.")
+    with run_server(make_byte_level_engine(model_path, **ENGINE_OPTIONS), chat_template=TEMPLATE,
+                    enable_auto_tool_choice=True, tool_call_parser=parser) as server:
+        client = openai.OpenAI(base_url=server.api_url, api_key="unused", max_retries=0)
+        with scripted_output(server, text):
+            reply = both(client, tools=TOOLS, tool_choice="auto")
+    assert reply["finish_reason"] == "tool_calls"
+    assert [(name, json.loads(arguments)) for name, arguments in reply["calls"]] == calls
+    assert_valid_calls(reply["calls"])
+    assert "get_weather" not in (reply["content"] or "")  # the markup is not left in the content
