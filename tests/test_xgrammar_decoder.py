@@ -153,11 +153,13 @@ def test_choice_that_prefixes_another_allows_eos_and_continuation():
 
 
 def test_choice_literals_are_escaped():
-    odd = ['say "hi"', "back\\slash", "tab\there", "naïve"]
+    # an escape followed by a hex digit ('"a', '\\b', '\ta') must not read that digit as part of the escape
+    odd = ['say "hi"', "back\\slash", "tab\there", "naïve", 'x"a', "a\\b1", "\tab", '""7']
     for choice in odd:
         grammar = make_grammar(choice=odd)
         assert grammar.accept_tokens(encode(choice)), choice
         assert grammar.accept_tokens([eos()]) and grammar.is_terminated()
+    assert not make_grammar(choice=['x"a']).accept_tokens(encode("x\u022a"))  # what a greedy \x22a would mean
 
 
 def test_eos_is_not_allowed_before_the_choice_is_complete():

@@ -393,8 +393,21 @@ def _schema_source(schema: str | dict | bool) -> str:
 
 
 def _ebnf_literal(text: str) -> str:
-    escaped = (f"\\x{ord(c):02x}" if ord(c) < 0x20 or c in '"\\\x7f' else c for c in text)
-    return '"' + "".join(escaped) + '"'
+    """``text`` as an EBNF sequence of string literals. A character that needs escaping is a literal of its
+    own: xgrammar reads the hex digits of ``\\x`` greedily, so ``"\\x22a"`` would be U+022A, not ``"a``."""
+    parts: list[str] = []
+    plain = ""
+    for c in text:
+        if ord(c) < 0x20 or c in '"\\\x7f':
+            if plain:
+                parts.append(f'"{plain}"')
+                plain = ""
+            parts.append(f'"\\x{ord(c):02x}"')
+        else:
+            plain += c
+    if plain:
+        parts.append(f'"{plain}"')
+    return "(" + " ".join(parts) + ")"
 
 
 def _choice_grammar(choices: list[str]) -> str:
