@@ -332,17 +332,25 @@ def test_cli_serve_has_the_tool_flags():
 
 
 @pytest.mark.parametrize("parser", ["hermes", "llama3_json", "mistral"])
-def test_auto_with_each_built_in_parser_finds_its_format_streamed_and_not(model_path, parser):
-    from tokenmill.registry import get_registry
+def test_auto_with_each_built_in_parser_on_a_model_that_writes_its_format(tmp_path, parser):
+    """The scripted test model plugin (tests/scripted_model.py) writes reasoning and then the parser's own
+    format through the real engine; the server splits it into reasoning, content and calls, streamed and not."""
+    from scripted_model import make_scripted_checkpoint
+    from tokenmill.config import EngineConfig
+    from tokenmill.llm_engine import LLMEngine
+    from tokenmill.registry import BUILTIN_PLUGINS, Registry, get_registry
 
     calls = [("get_weather", {"city": "Rome", "unit": "c"}), ("get_time", {"zone": "CET"})]
-    text = get_registry().get("tool_parser", parser).example_output(calls, "Checking.")
-    with run_server(make_byte_level_engine(model_path, **ENGINE_OPTIONS), chat_template=TEMPLATE,
-                    enable_auto_tool_choice=True, tool_call_parser=parser) as server:
+    text = "<think>Two lookups.</think>" + get_registry().get("tool_parser", parser).example_output(calls, "Checking.")
+    make_scripted_checkpoint(tmp_path, text)
+    registry = Registry(builtins=(*BUILTIN_PLUGINS, "scripted_model"), entry_points=False)
+    engine = LLMEngine(EngineConfig.build(model=str(tmp_path), load_format="dummy", device="cpu", dtype="float32",
+                                          max_model_len=512), registry)
+    with run_server(engine, chat_template=TEMPLATE, enable_auto_tool_choice=True, tool_call_parser=parser,
+                    reasoning_parser="think") as server:
         client = openai.OpenAI(base_url=server.api_url, api_key="unused", max_retries=0)
-        with scripted_output(server, text):
-            reply = both(client, tools=TOOLS, tool_choice="auto")
-    assert reply["finish_reason"] == "tool_calls"
+        reply = both(client, tools=TOOLS, tool_choice="auto", max_tokens=400)
+    assert reply["finish_reason"] == "tool_calls" and reply["reasoning"] == "Two lookups."
     assert [(name, json.loads(arguments)) for name, arguments in reply["calls"]] == calls
     assert_valid_calls(reply["calls"])
-    assert "get_weather" not in (reply["content"] or "")  # the markup is not left in the content
+    assert "Checking." in (reply["content"] or "") and "get_weather" not in (reply["content"] or "")
