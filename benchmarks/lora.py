@@ -22,9 +22,6 @@ from pathlib import Path
 import torch
 from throughput import SHAPES, build_hf_shape, make_shape_checkpoint
 
-SHAPES.setdefault("llama-110m", dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                                     num_attention_heads=12, num_key_value_heads=4, vocab_size=32000,
-                                     rope_theta=10000.0, max_position_embeddings=2048))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

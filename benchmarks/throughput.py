@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/throughput.py --quick         # smoke test: 8 short prompts
     python benchmarks/throughput.py --device cuda --shape llama3-8b     # the GPU benchmark (below)
 
-With ``--shape`` (llama3-8b or smollm2-135m) both engines run random weights at
+With ``--shape`` (llama3-8b or smollm2-135m; llama-110m, a CPU-sized Llama) both engines run random weights at
 that model's real shape instead: 256 prompts of 512 random token ids, 128
 output tokens each, EOS ignored. transformers builds the model as
 ``../shared/bench/hf_baseline.py`` does and tokenmill loads the very same
@@ -156,9 +156,13 @@ def print_table(rows: list[Result]) -> None:
 
 # ---------------------------------------------------------------- real shapes, random weights
 
-SHAPES = {  # the dimensions of ../shared/bench/hf_baseline.py
+SHAPES = {  # the dimensions of ../shared/bench/hf_baseline.py, and one CPU-sized Llama
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+    # a Llama small enough for CPU runs that still splits over ranks and carries adapters (tensor_parallel.py,
+    # lora.py)
+    "llama-110m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                       num_key_value_heads=4, vocab_size=32000, rope_theta=10000.0, max_position_embeddings=2048),
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0,
                          max_position_embeddings=8192, tie_word_embeddings=True),

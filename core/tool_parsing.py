@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import uuid
 from abc import abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -217,6 +217,28 @@ class MarkupToolParser(ToolParser):
             else:
                 content += event.lstrip() if calls and not content else event
         return (content.rstrip() if calls or not final else content), calls
+
+def scan_marked_blocks(text: str, marker: str,
+                       read: Callable[[str, int], tuple[list[str | ScannedCall], int] | None]) -> Scan:
+    """A ``scan`` for formats whose calls come in blocks that start at ``marker``: the text between blocks
+    is content; ``read(text, start)`` turns the block at ``start`` into its events and where it ends, or
+    None while it is not complete yet (then it is held from ``start`` on). A partial marker at the very
+    end is held too."""
+    events: list[str | ScannedCall] = []
+    pos = 0
+    while True:
+        start = text.find(marker, pos)
+        if start < 0:
+            held = partial_marker_start(text, pos, marker)
+            events.append(text[pos:held])
+            return Scan(events, held)
+        events.append(text[pos:start])
+        block = read(text, start)
+        if block is None:
+            return Scan(events, start)
+        found, pos = block
+        events.extend(found)
+
 
 def call_from_json(value: Any, arguments_key: str | tuple[str, ...] = "arguments") -> ScannedCall | None:
     """``{"name": str, <arguments_key>: object}`` as a call, or None for anything else (other

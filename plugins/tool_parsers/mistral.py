@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tokenmill.tool_parsing import MarkupToolParser, Scan, ScannedCall, call_from_json, partial_marker_start
+from tokenmill.tool_parsing import MarkupToolParser, Scan, ScannedCall, call_from_json, scan_marked_blocks
 
 from ._json import decode_at, skip_space
 
@@ -21,27 +21,20 @@ class MistralToolParser(MarkupToolParser):
     name = "mistral"
 
     def scan(self, text: str) -> Scan:
-        events: list[str | ScannedCall] = []
-        pos = 0
-        while True:
-            start = text.find(MARKER, pos)
-            if start < 0:
-                held = partial_marker_start(text, pos, MARKER)
-                events.append(text[pos:held])
-                return Scan(events, held)
-            events.append(text[pos:start])
-            decoded = decode_at(text, skip_space(text, start + len(MARKER)))
-            if decoded is None:  # not complete yet; at the end of the output it is content
-                return Scan(events, start)
-            value, end = decoded
-            items = value if isinstance(value, list) else [value]
-            calls = [call_from_json(item) for item in items]
-            if items and all(calls):
-                events.extend(calls)
-            else:
-                events.append(text[start:end])
-            pos = end
+        return scan_marked_blocks(text, MARKER, _read_list)
 
     @classmethod
     def example_output(cls, calls: Sequence[tuple[str, Mapping[str, Any]]], content: str = "") -> str:
         return content + MARKER + json.dumps([{"name": n, "arguments": a} for n, a in calls], ensure_ascii=False)
+
+
+def _read_list(text: str, start: int) -> tuple[list[str | ScannedCall], int] | None:
+    """The list after the marker at ``start``: its calls, or its text as written (marker included) when
+    not every item is one; None while the JSON is not complete (at the end of the output it is content)."""
+    decoded = decode_at(text, skip_space(text, start + len(MARKER)))
+    if decoded is None:
+        return None
+    value, end = decoded
+    items = value if isinstance(value, list) else [value]
+    calls = [call_from_json(item) for item in items]
+    return (calls if items and all(calls) else [text[start:end]]), end
