@@ -13,7 +13,6 @@ At tensor_parallel_size 1 the engine core holds one Worker in its own process (e
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,10 +143,10 @@ class Worker:
         self.runner: ModelRunner | None = None
         self.drafter = None
 
-    @property
-    def _cache_shape(self) -> Callable[[int], tuple[int, ...]]:
-        spec, block_size = self.plan.spec, self.config.cache.block_size
-        return lambda n: self.plan.backend_cls.kv_cache_shape(n, block_size, self.plan.num_kv_heads, spec.head_size)
+    def _cache_shape(self, num_blocks: int) -> tuple[int, ...]:
+        """One layer's KV cache of ``num_blocks`` blocks on this rank (its KV heads)."""
+        return self.plan.backend_cls.kv_cache_shape(num_blocks, self.config.cache.block_size, self.plan.num_kv_heads,
+                                                    self.plan.spec.head_size)
 
     def available_blocks(self) -> int:
         """KV blocks this rank can hold: ``num_gpu_blocks_override``, else ``kv_cache_memory_bytes``, else
