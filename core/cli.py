@@ -52,6 +52,8 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
         options["enable_prefix_caching"] = False
     if args.enforce_eager:
         options["enforce_eager"] = True
+    if args.async_scheduling:
+        options["async_scheduling"] = True
     if args.enable_lora:
         options["enable_lora"] = True
     if args.speculative_config:
@@ -191,6 +193,8 @@ def _add_engine_arguments(parser: argparse.ArgumentParser, sampling: bool = True
                    help="'auto' (the model's generation_config.json: EOS ids, sampling defaults), 'vllm' or a folder")
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: every step runs eagerly")
+    g.add_argument("--async-scheduling", action="store_true",
+                   help="schedule step N+1 while step N runs, overlapping host work with the model's")
     g.add_argument("--gpu-memory-utilization", type=float)
     g.add_argument("--kv-cache-dtype", help="'auto' (the model's dtype), 'fp8' (= 'fp8_e4m3') or 'fp8_e5m2'")
     g.add_argument("--quantization", help="unset: a .gguf keeps its block formats; 'fp8' quantizes a float "

@@ -100,6 +100,9 @@ class SchedulerConfig(_Section):
     # vLLM's values: "fcfs" (arrival order) or "priority" (each request's ``priority``, lower first, ties by
     # arrival; the KV cache preempts the lowest-priority running request first)
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    # vLLM's option: schedule step N+1 while step N runs on the device, so the host's work (scheduling,
+    # updating, detokenizing) overlaps the model's (see EngineCore); the tokens are the synchronous loop's
+    async_scheduling: bool = False
 
 
 class ParallelConfig(_Section):
@@ -216,6 +219,14 @@ class EngineConfig(_Section):
         if parallel.distributed_executor_backend == "uni" and parallel.tensor_parallel_size > 1:
             raise ValueError(f"distributed_executor_backend: 'uni' runs one rank in this process, got "
                              f"tensor_parallel_size={parallel.tensor_parallel_size}; use 'mp' or 'ray'")
+        return self
+
+    @model_validator(mode="after")
+    def _async_without_drafts(self) -> EngineConfig:
+        if self.scheduler.async_scheduling and self.speculative is not None:
+            raise ValueError("scheduler.async_scheduling: speculative decoding (speculative_config) is not "
+                             "supported with async_scheduling=True; the drafts of step N are needed to schedule "
+                             "step N+1")
         return self
 
     @classmethod

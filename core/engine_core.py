@@ -1,8 +1,17 @@
 """EngineCore: the scheduler, structured outputs and the executor that runs the model's ranks;
-``step()`` is schedule -> execute -> update."""
+``step()`` is schedule -> execute -> update.
+
+With ``async_scheduling`` the executor runs steps in the background, at most two queued, and a step
+call schedules and launches step N+1 before it waits for step N and applies it:
+
+    main thread    schedule N+1 | wait N | update N, return its outputs | (caller detokenizes) | schedule N+2 ...
+    executor                run N          |            run N+1                                | run N+2
+"""
 from __future__ import annotations
 
 import weakref
+from collections import deque
+from concurrent.futures import Future
 
 import torch
 
@@ -14,9 +23,9 @@ from .loader import load_tokenizer
 from .lora import validate_adapter
 from .lora_request import LoRARequest
 from .registry import Registry, get_registry
-from .request import Request, RequestStatus
+from .request import Request, RequestError, RequestStatus
 from .scheduler import Scheduler
-from .step import EngineCoreOutput
+from .step import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
 from .structured_output_manager import StructuredOutputManager
 from .worker import resolve_device  # noqa: F401 - re-exported: callers resolve "auto" the engine's way
 from .worker import plan_model
@@ -49,6 +58,9 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks=self.num_blocks,
                                    max_model_len=self.max_model_len, sliding_window=plan.spec.sliding_window,
                                    max_loras=lora.max_loras if lora.enable_lora else None)
+        self.async_scheduling = config.scheduler.async_scheduling
+        self._in_flight: deque[tuple[SchedulerOutput, Future[ModelRunnerOutput], dict[str, RequestError]]] = deque()
+        self.max_steps_in_flight = 0  # the most steps the executor held at once (2 when steps overlapped)
 
     # ------------------------------------------------------------ the in-process rank ("uni")
 
@@ -122,6 +134,15 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[EngineCoreOutput]:
+        if self.async_scheduling:
+            return self._step_overlapped()
+        scheduler_output, grammar_failed = self._schedule()
+        runner_output = self.executor.execute(scheduler_output)
+        runner_output.drop_failed(grammar_failed)  # their tokens were drawn without a valid mask
+        return self.scheduler.update_from_output(scheduler_output, runner_output)
+
+    def _schedule(self) -> tuple[SchedulerOutput, dict[str, RequestError]]:
+        """The next step, its grammar bitmask filled; and the requests whose grammar failed to fill it."""
         # With nothing running, wait (briefly) for a grammar rather than spin.
         idle = not self.scheduler.running and all(r.status == RequestStatus.WAITING_FOR_GRAMMAR
                                                   for r in self.scheduler.waiting)
@@ -129,9 +150,20 @@ class EngineCore:
         if failed:
             self.scheduler.fail_requests(failed)
         scheduler_output = self.scheduler.schedule()
-        grammar_failed = self.structured.grammar_bitmask(scheduler_output, self.scheduler.requests)
-        runner_output = self.executor.execute(scheduler_output)
-        runner_output.drop_failed(grammar_failed)  # their tokens were drawn without a valid mask
+        return scheduler_output, self.structured.grammar_bitmask(scheduler_output, self.scheduler.requests)
+
+    def _step_overlapped(self) -> list[EngineCoreOutput]:
+        """Launch the next step; then, unless it is the only one in flight and has work, wait for the
+        oldest and apply it. Empty steps launch too: they carry finished and preempted ids to the runner."""
+        scheduler_output, grammar_failed = self._schedule()
+        future = self.executor.execute_async(scheduler_output)
+        self._in_flight.append((scheduler_output, future, grammar_failed))
+        self.max_steps_in_flight = max(self.max_steps_in_flight, len(self._in_flight))
+        if len(self._in_flight) < 2 and not scheduler_output.is_empty:
+            return []
+        scheduler_output, future, grammar_failed = self._in_flight.popleft()
+        runner_output = future.result()
+        runner_output.drop_failed(grammar_failed)
         return self.scheduler.update_from_output(scheduler_output, runner_output)
 
     def stats(self) -> dict[str, int | float]:

@@ -31,7 +31,20 @@ run: ``add_request`` finishes it as FINISHED_IGNORED (finish reason "length")
 and the next ``update_from_output`` reports it; until then it counts as
 unfinished, so an engine that steps while ``has_unfinished_requests()`` delivers
 it. The engine calls ``update_from_output`` after every ``schedule``, even an
-empty one.
+empty one, and in the same order.
+
+``async_scheduling``: ``schedule`` may run while the previous step is still on the
+device, before its ``update_from_output``. A request that samples in that step
+holds a placeholder for its coming token: the next step computes that token's
+position (the runner has the token by then, as it runs steps in order), never
+past ``max_tokens``, and a guided request waits out the step (its grammar must
+see the token before its next bitmask). A request preempted with a token in
+flight keeps that token when it arrives, as the synchronous loop would have given
+it before preempting; a request that ended meanwhile has its token dropped.
+
+    step N     scheduled  [a b c]           a, b, c sample: one placeholder each
+    step N+1   scheduled  [a b c]           while N runs; a's position N+1 reads N's token
+    update N   a stops (EOS)                a is freed; its step-N+1 token is dropped
 """
 from __future__ import annotations
 
@@ -90,6 +103,11 @@ class Scheduler:
         # attributes rather than stats() keys, which callers compare whole
         self.num_steps = 0
         self.last_step_num_tokens = 0
+        # async scheduling: each request's tokens in flight, and per step not yet updated (oldest first)
+        # the requests it samples
+        self.async_scheduling = scheduler_config.async_scheduling
+        self._placeholders: dict[str, int] = {}
+        self._sampling_in_flight: deque[list[str]] = deque()
 
     # ---- requests in and out ----
 
@@ -173,8 +191,12 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens_with_spec - request.num_computed_tokens, budget,
+            pending = self._placeholders.get(request.request_id, 0)
+            num_new = min(request.num_tokens_with_spec + pending - request.num_computed_tokens, budget,
                           self.max_model_len - 1 - request.num_computed_tokens)
+            if pending and (num_new <= 0 or self._waits_for_token(request, pending)):
+                index += 1
+                continue
             new_blocks, refund = self._allocate_or_preempt(request, num_new, out)
             if new_blocks is None:
                 break
@@ -183,10 +205,12 @@ class Scheduler:
                 index = self.running.index(request)
             out.scheduled_cached_reqs.append(CachedRequestData(
                 request.request_id, [block.block_id for block in new_blocks], request.num_computed_tokens))
-            budget -= self._take(request, num_new, out)
+            budget -= self._take(request, num_new, out, pending)
             index += 1
         if not out.preempted_req_ids:
             self._admit_waiting(budget, out)
+        if self.async_scheduling:
+            self._hold_placeholders(out)
         out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
         if out.total_num_scheduled_tokens:
             self.num_steps += 1
@@ -206,9 +230,15 @@ class Scheduler:
         self._ignored = []
         finished_ids: set[str] = set()
         failed = runner_output.failed
+        preempted_with_token = False
+        if self.async_scheduling:
+            self._release_placeholders()
         for req_id, sampled in zip(runner_output.req_ids, runner_output.sampled_token_ids):
             request = self.requests.get(req_id)
             if request is None or request.status != RequestStatus.RUNNING:
+                if request is not None and request.status == RequestStatus.PREEMPTED and sampled:
+                    outputs.extend(self._token_of_preempted(request, sampled, runner_output))
+                    preempted_with_token = True
                 continue  # ended since it was scheduled
             new_token_ids: list[int] = []
             if sampled:
@@ -240,7 +270,56 @@ class Scheduler:
                 outputs.append(EngineCoreOutput(req_id, [], finish_reason="error", error=error))
         if finished_ids:
             self.running = [r for r in self.running if r.request_id not in finished_ids]
+        if preempted_with_token:
+            self.waiting = deque(r for r in self.waiting if not r.is_finished)
         return outputs
+
+    # ---- async scheduling ----
+
+    def _waits_for_token(self, request: Request, pending: int) -> bool:
+        """Whether a running request with ``pending`` tokens in flight sits this step out: its grammar
+        must accept them first, or they may already be its last (``max_tokens``)."""
+        if request.grammar is not None or request.sampling_params.structured_outputs is not None:
+            return True
+        max_tokens = request.sampling_params.max_tokens
+        return max_tokens is not None and request.num_output_tokens + pending >= max_tokens
+
+    def _hold_placeholders(self, out: SchedulerOutput) -> None:
+        """One placeholder per request this step samples for (it reaches the end of its known tokens)."""
+        sampling = []
+        for req_id, num_new in out.num_scheduled_tokens.items():
+            request = self.requests[req_id]
+            pending = self._placeholders.get(req_id, 0)
+            if request.num_computed_tokens >= request.num_tokens + pending:
+                self._placeholders[req_id] = pending + 1
+                sampling.append(req_id)
+        self._sampling_in_flight.append(sampling)
+
+    def _release_placeholders(self) -> None:
+        """The oldest step in flight is being updated: its placeholders become tokens (or nothing)."""
+        for req_id in self._sampling_in_flight.popleft():
+            pending = self._placeholders.pop(req_id) - 1
+            if pending:
+                self._placeholders[req_id] = pending
+
+    def _token_of_preempted(self, request: Request, sampled: list[int],
+                            runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """A request preempted while its token was in flight keeps it (the synchronous loop would have
+        appended it before preempting); the token may end it, in the waiting queue."""
+        req_id = request.request_id
+        new_token_ids = self._append_until_stop(request, sampled)
+        error = runner_output.failed.get(req_id)
+        if error is not None and not request.is_finished:
+            request.fail(error)
+        if request.is_finished:
+            self._free(request)
+        prompt_logprobs = runner_output.prompt_logprobs.get(req_id)
+        if not new_token_ids and prompt_logprobs is None and not request.is_finished:
+            return []
+        return [EngineCoreOutput(req_id, new_token_ids,
+                                 _first_rows(runner_output.logprobs.get(req_id), len(new_token_ids)),
+                                 prompt_logprobs, request.status.finish_reason, request.stop_reason,
+                                 max(request.num_cached_tokens, 0), request.error)]
 
     # ---- internals ----
 
@@ -286,7 +365,8 @@ class Scheduler:
         adapters = {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None}
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            if request.status == RequestStatus.WAITING_FOR_GRAMMAR:
+            if request.status == RequestStatus.WAITING_FOR_GRAMMAR or request.request_id in self._placeholders:
+                # a preempted request whose token is still in flight (async scheduling) waits for it too
                 passed_over.append(self.waiting.popleft())
                 continue
             lora = request.lora_request
@@ -318,9 +398,9 @@ class Scheduler:
             budget -= self._take(request, num_new, out)
         self.waiting.extendleft(reversed(passed_over))
 
-    def _take(self, request: Request, num_new: int, out: SchedulerOutput) -> int:
+    def _take(self, request: Request, num_new: int, out: SchedulerOutput, pending: int = 0) -> int:
         """Record ``num_new`` scheduled tokens; spec tokens beyond them are dropped."""
-        num_spec = request.num_computed_tokens + num_new - request.num_tokens
+        num_spec = request.num_computed_tokens + num_new - request.num_tokens - pending
         if num_spec > 0:
             request.spec_token_ids = request.spec_token_ids[:num_spec]
             out.scheduled_spec_decode_tokens[request.request_id] = request.spec_token_ids

@@ -17,6 +17,7 @@ bounded time (``WORKER_SILENCE_S`` without a heartbeat); ``shutdown`` reaps ever
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..config import EngineConfig
 from ..distributed import TensorParallel
@@ -36,13 +37,29 @@ class Executor(ABC):
 
     num_blocks: int  # KV blocks per layer on every rank (the smallest any rank could hold)
     worker: Worker | None = None  # the in-process worker ("uni"), else None
+    _steps: ThreadPoolExecutor | None = None  # runs execute_async's steps, one at a time, in order
 
     @abstractmethod
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step on every rank; rank 0's output."""
 
+    def execute_async(self, scheduler_output: SchedulerOutput) -> Future[ModelRunnerOutput]:
+        """``execute`` in the background (async scheduling): steps run one at a time, in the order given,
+        so a step's inputs may read the tokens the step before it sampled. The future raises what
+        ``execute`` raised."""
+        if self._steps is None:
+            self._steps = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-step")
+        return self._steps.submit(self.execute, scheduler_output)
+
     def shutdown(self) -> None:
         """Stop every worker (idempotent)."""
+        self._stop_steps()
+
+    def _stop_steps(self) -> None:
+        """Let the steps in flight finish, then stop their thread."""
+        if self._steps is not None:
+            self._steps.shutdown(wait=True)
+            self._steps = None
 
 
 class UniExecutor(Executor):
@@ -57,6 +74,9 @@ class UniExecutor(Executor):
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute(scheduler_output)
+
+    def shutdown(self) -> None:
+        self._stop_steps()
 
 
 def make_executor(config: EngineConfig, registry: Registry, plan: ModelPlan, *, bos_token_id: int | None,

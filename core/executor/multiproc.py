@@ -178,6 +178,7 @@ class WorkerGroupExecutor(Executor):
         if self._closed:
             return
         self._closed = True
+        self._stop_steps()  # a step in flight ends first (it raises within WORKER_SILENCE_S on a dead worker)
         for channel in self.channels:
             if channel is not None:
                 try:
