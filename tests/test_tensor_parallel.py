@@ -109,6 +109,22 @@ def test_size_2_preemption_and_speculative_decoding_change_no_token(llama):
         parallel.shutdown()
 
 
+def test_size_2_with_async_scheduling_and_preemption_gives_size_1_tokens(llama):
+    # the worker processes run a step while the driver schedules the next one
+    options = {**TINY_ENGINE_OPTIONS, "num_gpu_blocks_override": 12, "max_num_seqs": 6, "max_model_len": 128}
+    parallel = LLM(llama, **options, tensor_parallel_size=2, async_scheduling=True)
+    single = LLM(llama, **options)
+    try:
+        prompts = token_prompts(random_prompts([30, 31, 32, 33, 34, 35], seed=12))
+        params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+        assert ids(parallel.generate(prompts, params, use_tqdm=False)) == ids(single.generate(prompts, params,
+                                                                                              use_tqdm=False))
+        assert parallel.get_stats()["num_preemptions"] > 0
+        assert parallel.engine.core.max_steps_in_flight == 2
+    finally:
+        parallel.shutdown()
+
+
 @pytest.mark.parametrize("config", [TINY_CONFIGS["qwen2-gqa-tied"], QWEN3], ids=["qwen2-biases-tied", "qwen3-qk-norm"])
 def test_size_2_other_families_give_size_1_tokens(tmp_path_factory, config):
     parallel, single = pair(checkpoint_of(tmp_path_factory, config))
