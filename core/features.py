@@ -49,6 +49,9 @@ ENGINE_FEATURES: tuple[tuple[str, str, str], ...] = (
     ("prefix_caching", "supported", "sha256-chained block hashes, LRU eviction, per-request cache_salt"),
     ("chunked_prefill", "supported", "one token budget per step, no prefill/decode phases"),
     ("preemption", "supported", "by recompute (V1); KV cache swapping is deprecated"),
+    ("async_scheduling", "supported", "async_scheduling=True: step N+1 is scheduled while step N runs (two in "
+                                      "flight), tokens identical to the synchronous loop; not with speculative "
+                                      "decoding; a guided request waits out its own step in flight"),
     ("speculative_decoding", "supported", "drafts scheduled within the token budget, verified in one forward "
                                           "pass by a rejection sampler (greedy: exact match; sampled: the "
                                           "standard rule for a deterministic drafter), with structured outputs"),
