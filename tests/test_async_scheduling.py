@@ -7,7 +7,7 @@ Every engine test here also asserts that two steps really were in flight at once
 import pytest
 
 from builders import (BYTE_LEVEL_EOS_TOKEN_ID, assert_no_leaks, make_byte_level_checkpoint, make_llm, output_ids,
-                      random_prompts, token_prompts)
+                      random_prompts)
 from engine_fixtures import GREEDY, MAX_TOKENS, PROMPTS, checkpoint, generate, llm, plain_ids  # noqa: F401
 from tokenmill import StructuredOutputsParams
 from tokenmill.config import CacheConfig, SchedulerConfig
