@@ -31,6 +31,9 @@ _NUM_PRIMING_TOKENS = 8
 # The message tokenizers raises when a decoder rewrites text it already returned.
 _INVALID_PREFIX = "Invalid prefix encountered"
 _REPLACEMENT_CHAR = "\ufffd"
+# Pieces of text kept apart before they are joined into the output text: a long request is copied
+# once per this many tokens rather than at every one, and its pieces cost little memory.
+_MAX_PENDING_PIECES = 64
 
 
 class IncrementalDetokenizer:
@@ -62,6 +65,9 @@ class IncrementalDetokenizer:
         self.output_token_ids: list[int] = []
         self.num_taken_tokens = 0  # of the last update's tokens
         self._output_text = ""
+        # text decoded since ``_output_text`` was last joined: without stop strings nothing reads the
+        # text until an output asks for it, so a long request is not copied whole at every token
+        self._pending_text: list[str] = []
         self._num_streamed_chars = 0
         self._stream = _primed_stream(backend, list(prompt_token_ids), skip_special_tokens)
         # Decoders such as WordPiece join every token with a space; without skipping special tokens
@@ -76,6 +82,12 @@ class IncrementalDetokenizer:
     @property
     def output_text(self) -> str:
         """All the output text so far, cut at a matched stop string."""
+        return self._joined_text()
+
+    def _joined_text(self) -> str:
+        if self._pending_text:
+            self._output_text += "".join(self._pending_text)
+            self._pending_text.clear()
         return self._output_text
 
     @property
@@ -94,14 +106,22 @@ class IncrementalDetokenizer:
         self.num_taken_tokens = 0
         if not new_token_ids:
             return None
-        new_token_ids = list(new_token_ids)
         skipped_stop_token = stop_terminated and not self.include_stop_str_in_output
-        decoded_ids = new_token_ids[:-1] if skipped_stop_token else new_token_ids
         if not self.stop:
-            self._output_text += "".join(self._decode_next(token_id) for token_id in decoded_ids)
+            if len(new_token_ids) == 1 and not skipped_stop_token and self._added_tokens is None:
+                text = self._step(new_token_ids[0])  # one token per step (no drafts): the common case
+                if text:
+                    self._pending_text.append(text)
+                    if len(self._pending_text) >= _MAX_PENDING_PIECES:
+                        self._joined_text()
+            else:
+                decoded_ids = new_token_ids[:-1] if skipped_stop_token else new_token_ids
+                self._pending_text.extend([self._decode_next(token_id) for token_id in decoded_ids])
             self.output_token_ids.extend(new_token_ids)
             self.num_taken_tokens = len(new_token_ids)
             return None
+        new_token_ids = list(new_token_ids)
+        decoded_ids = new_token_ids[:-1] if skipped_stop_token else new_token_ids
         # token by token: when one step brings several tokens (speculative decoding), the
         # tokens after the one that completes a stop string are not part of the output
         for token_id in decoded_ids:
@@ -123,12 +143,13 @@ class IncrementalDetokenizer:
         Until ``finished`` the last ``stop_buffer_length`` characters are held
         back so that a partial stop string never reaches the client.
         """
-        num_ready = len(self._output_text) - (0 if finished else self.stop_buffer_length)
+        output_text = self._joined_text()
+        num_ready = len(output_text) - (0 if finished else self.stop_buffer_length)
         if not delta:
-            return self._output_text[:max(num_ready, 0)]
+            return output_text[:max(num_ready, 0)]
         if num_ready <= self._num_streamed_chars:
             return ""
-        text = self._output_text[self._num_streamed_chars:num_ready]
+        text = output_text[self._num_streamed_chars:num_ready]
         self._num_streamed_chars = num_ready
         return text
 

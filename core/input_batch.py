@@ -72,9 +72,20 @@ class InputBatch:
         self.presence_penalty = np.zeros(n, dtype=np.float32)
         self.frequency_penalty = np.zeros(n, dtype=np.float32)
         self.repetition_penalty = np.ones(n, dtype=np.float32)
+        # Python reads and writes one element per row per step: memoryviews of the same buffers take
+        # a fraction of numpy's time per element
+        self._token_ids_view = memoryview(self.token_ids)
+        self._num_tokens_view = memoryview(self.num_tokens)
         # each column's device mirror; on CPU the column itself
         self._device_columns = {name: self._mirror(getattr(self, name)) for name in SAMPLING_COLUMNS}
         self._columns_changed = False
+        # column -> the rows whose value is not "off" (moved with their row): a step over the whole
+        # batch learns which columns it needs without reading them
+        self._rows_setting: dict[str, set[int]] = {name: set() for name, off in SAMPLING_COLUMNS.items()
+                                                   if off is not None}
+        self._arange = np.arange(n)
+        self._device_arange = torch.arange(n, device=self.device)
+        self._whole_views: dict[tuple[str, int], torch.Tensor] = {}  # (column or "index", n) -> its first n rows
         # ragged feature -> the rows that use it (moved with their row)
         self.rows_using: dict[str, set[int]] = {feature: set() for feature in RAGGED_FEATURES}
         # bool [max_num_reqs, vocab_size] on the device, True = not allowed: written when a row
@@ -114,6 +125,8 @@ class InputBatch:
                 "allowed_token_ids": bool(p.allowed_token_ids), "lora": new.lora_request is not None}
         for feature, rows in self.rows_using.items():
             (rows.add if used[feature] else rows.discard)(row)
+        for name, rows in self._rows_setting.items():
+            (rows.add if getattr(self, name)[row] != SAMPLING_COLUMNS[name] else rows.discard)(row)
         if p.allowed_token_ids and self.disallowed is None:
             self.disallowed = torch.zeros((self.max_num_reqs, self.vocab_size), dtype=torch.bool, device=self.device)
         if self.disallowed is not None:
@@ -123,14 +136,16 @@ class InputBatch:
         return row
 
     def append_blocks(self, row: int, block_ids: list[int]) -> None:
+        if not block_ids:  # most steps of a running request allocate no block
+            return
         start = int(self.num_blocks[row])
         self.block_table[row, start: start + len(block_ids)] = block_ids
         self.num_blocks[row] = start + len(block_ids)
 
     def append_token(self, row: int, token_id: int) -> None:
-        n = int(self.num_tokens[row])
-        self.token_ids[row, n] = token_id
-        self.num_tokens[row] = n + 1
+        n = self._num_tokens_view[row]
+        self._token_ids_view[row, n] = token_id
+        self._num_tokens_view[row] = n + 1
         self.rows[row].output_token_ids.append(token_id)
 
     def remove_requests(self, req_ids: set[str]) -> None:
@@ -142,7 +157,7 @@ class InputBatch:
             last = len(self.rows) - 1
             if row != last:
                 self._move(last, row)
-            for rows in self.rows_using.values():
+            for rows in (*self.rows_using.values(), *self._rows_setting.values()):
                 rows.discard(last)
             self.rows.pop()
 
@@ -157,7 +172,7 @@ class InputBatch:
                        *(getattr(self, name) for name in SAMPLING_COLUMNS)):
             column[dst] = column[src]
         self._columns_changed = True
-        for rows in self.rows_using.values():
+        for rows in (*self.rows_using.values(), *self._rows_setting.values()):
             (rows.add if src in rows else rows.discard)(dst)
         if self.disallowed is not None:
             self.disallowed[dst] = self.disallowed[src]
@@ -175,16 +190,25 @@ class InputBatch:
             for name in SAMPLING_COLUMNS:
                 self._device_columns[name][:n].copy_(torch.from_numpy(getattr(self, name)[:n]), non_blocking=True)
         self._columns_changed = False
-        whole = len(rows) == n and bool((rows == np.arange(n)).all())  # the common decode step: no gather
-        index = torch.from_numpy(rows).to(self.device, non_blocking=True)
+        whole = len(rows) == n and bool((rows == self._arange[:n]).all())  # the common decode step: no gather
+        index = self._whole_view("index", n) if whole else torch.from_numpy(rows).to(self.device, non_blocking=True)
         columns = {}
         for name, off in SAMPLING_COLUMNS.items():
-            if off is not None and not (getattr(self, name)[rows] != off).any():
+            setting = self._rows_setting.get(name)
+            if setting is not None and (not setting or not whole and not (getattr(self, name)[rows] != off).any()):
                 columns[name] = None
             else:
-                mirror = self._device_columns[name]
-                columns[name] = mirror[:n] if whole else mirror[index]
+                columns[name] = self._whole_view(name, n) if whole else self._device_columns[name][index]
         return columns, index
+
+    def _whole_view(self, name: str, n: int) -> torch.Tensor:
+        """The first ``n`` rows of a column's device mirror (or of ``arange``: "index"), the same view
+        object from step to step."""
+        view = self._whole_views.get((name, n))
+        if view is None:
+            whole = self._device_arange if name == "index" else self._device_columns[name]
+            view = self._whole_views[(name, n)] = whole[:n]
+        return view
 
     def prompt_token_ids(self, rows: np.ndarray) -> np.ndarray:
         """int64 [len(rows), the longest prompt]: each row's prompt, padded with vocab_size."""

@@ -52,6 +52,9 @@ import torch
 from .attention import AttentionMetadata
 
 
+_MAX_CACHED_VIEWS = 1024
+
+
 class StepBuffers:
     """Named integer buffers a step fills on the host and copies to the device.
 
@@ -71,6 +74,7 @@ class StepBuffers:
         self._uploaded = torch.cuda.Event() if self.device.type == "cuda" else None
         self._pending = False
         self._sizes: dict[str, int] = {}
+        self._views: dict[tuple[str, int, bool], torch.Tensor] = {}
         self.host: dict[str, torch.Tensor] = {}
         self.np: dict[str, np.ndarray] = {}
         self.dev: dict[str, torch.Tensor] = {}
@@ -82,6 +86,18 @@ class StepBuffers:
         self.host[name] = host
         self.np[name] = host.numpy()
         self.dev[name] = host if self.device.type == "cpu" else torch.zeros(shape, dtype=dtype, device=self.device)
+        self._views = {key: view for key, view in self._views.items() if key[0] != name}
+
+    def view(self, name: str, n: int, *, host: bool = False) -> torch.Tensor:
+        """``dev[name][:n]`` (``host[name][:n]`` with ``host``): the same view object from step to step,
+        since making a view costs more host time than a small step's whole copy."""
+        key = (name, n, host)
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) >= _MAX_CACHED_VIEWS:  # prefill steps vary in size: keep the cache bounded
+                self._views.clear()
+            view = self._views[key] = (self.host if host else self.dev)[name][:n]
+        return view
 
     def acquire(self, **rows: int) -> None:
         """Make the host buffers writable for a step that uses ``rows[name]`` leading rows."""
@@ -141,6 +157,7 @@ class InputLayout:
         self._arange = np.arange(max(t, r) + 1, dtype=np.int64)
         self._arange.flags.writeable = False
         self._static: dict[int, AttentionMetadata] = {}
+        self._table_views: dict[tuple[int, int], torch.Tensor] = {}
 
     # ------------------------------------------------------------ graphs
 
@@ -190,10 +207,12 @@ class InputLayout:
         slot (-1: none), laid out per token when given."""
         n = len(rows)
         total = int(counts.sum())
+        is_decode = total == n  # one token per row (every count is >= 1)
         padded = n if padded_size is None else padded_size
         num_tokens = total if padded_size is None else padded_size
         seq_ends = starts + counts
-        width = max(1, (int(seq_ends.max()) - 1) // self.block_size + 1 if n else 1)  # the longest row's blocks
+        max_seq_len = int(seq_ends.max()) if n else 0
+        width = max(1, (max_seq_len - 1) // self.block_size + 1)  # the longest row's blocks
         if num_tokens >= len(self._arange):
             self._arange = np.arange(2 * num_tokens + 1, dtype=np.int64)
             self._arange.flags.writeable = False
@@ -205,17 +224,22 @@ class InputLayout:
         query_start_loc[0] = 0
         np.cumsum(counts, out=query_start_loc[1: n + 1])
         # flat token layout: request i covers positions starts[i] .. starts[i] + counts[i] - 1
-        row_of_token = np.repeat(rows, counts)
         positions = buf.np["positions"][:num_tokens]
-        np.add(self._arange[:total], np.repeat(starts - query_start_loc[:n], counts), out=positions[:total])
+        token_positions = positions[:total]
+        if is_decode:  # the layout is the rows themselves: nothing to repeat
+            row_of_token = rows
+            token_positions[:] = starts
+        else:
+            row_of_token = np.repeat(rows, counts)
+            np.add(self._arange[:total], np.repeat(starts - query_start_loc[:n], counts), out=token_positions)
         input_ids = buf.np["input_ids"][:num_tokens]
-        input_ids[:total] = token_ids[row_of_token, positions[:total]]
+        input_ids[:total] = token_ids[row_of_token, token_positions]
         slot_mapping = buf.np["slot_mapping"][:num_tokens]
-        np.multiply(block_table[row_of_token, positions[:total] // self.block_size], self.block_size,
+        np.multiply(block_table[row_of_token, token_positions // self.block_size], self.block_size,
                     out=slot_mapping[:total], dtype=np.int64)
-        slot_mapping[:total] += positions[:total] % self.block_size
+        slot_mapping[:total] += token_positions % self.block_size
         seq_lens = buf.np["seq_lens"][:padded]
-        np.add(starts, counts, out=seq_lens[:n])
+        seq_lens[:n] = seq_ends
         if self._table_np is not None:
             tables = self._table_np[:padded, :width]
         else:
@@ -235,15 +259,24 @@ class InputLayout:
         buf.upload()
         if self._table_np is None:
             self.block_tables[:padded, :width].copy_(buf.dev["block_columns"][: padded * width].view(padded, width))
-        dev = buf.dev
         if padded_size is not None:
             metadata = self.static_metadata(padded_size)
         else:
             metadata = AttentionMetadata(
-                num_actual_tokens=total, max_query_len=int(counts.max()), max_seq_len=int(seq_lens.max()),
-                query_start_loc=dev["query_start_loc"][: n + 1], seq_lens=dev["seq_lens"][:n],
-                block_tables=self.block_tables[:n, :width], slot_mapping=dev["slot_mapping"][:total],
-                query_start_loc_cpu=buf.host["query_start_loc"][: n + 1], seq_lens_cpu=buf.host["seq_lens"][:n])
-        return StepInputs(dev["input_ids"][:num_tokens], dev["positions"][:num_tokens], metadata,
+                num_actual_tokens=total, max_query_len=1 if is_decode else int(counts.max()), max_seq_len=max_seq_len,
+                query_start_loc=buf.view("query_start_loc", n + 1), seq_lens=buf.view("seq_lens", n),
+                block_tables=self._table_view(n, width), slot_mapping=buf.view("slot_mapping", total),
+                query_start_loc_cpu=buf.view("query_start_loc", n + 1, host=True),
+                seq_lens_cpu=buf.view("seq_lens", n, host=True))
+        return StepInputs(buf.view("input_ids", num_tokens), buf.view("positions", num_tokens), metadata,
                           query_start_loc[: n + 1], seq_lens[:n],
-                          None if lora_slots is None else dev["lora_slots"][:num_tokens])
+                          None if lora_slots is None else buf.view("lora_slots", num_tokens))
+
+    def _table_view(self, n: int, width: int) -> torch.Tensor:
+        """``block_tables[:n, :width]``, kept from step to step like the buffers' views."""
+        view = self._table_views.get((n, width))
+        if view is None:
+            if len(self._table_views) >= _MAX_CACHED_VIEWS:
+                self._table_views.clear()
+            view = self._table_views[(n, width)] = self.block_tables[:n, :width]
+        return view

@@ -138,10 +138,15 @@ class LLM:
         self._inbox[request_id] = []
         return request_id
 
-    def _step(self) -> None:
+    def _step(self) -> list[str]:
+        """One engine step; returns the ids of the requests whose inboxes got outputs."""
+        delivered = []
         for output in self.engine.step():
-            if output.request_id in self._inbox:
-                self._inbox[output.request_id].append(output)
+            inbox = self._inbox.get(output.request_id)
+            if inbox is not None:
+                inbox.append(output)
+                delivered.append(output.request_id)
+        return delivered
 
     def _take(self, request_id: str) -> list[RequestOutput]:
         outputs, self._inbox[request_id] = self._inbox[request_id], []
@@ -166,8 +171,10 @@ class LLM:
         bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm or len(request_ids) < 2)
         try:
             while pending:
-                self._step()
-                for request_id in list(pending):
+                # only the requests this step delivered to: a step leaves every other inbox as it was
+                for request_id in self._step():
+                    if request_id not in pending:
+                        continue
                     for output in self._take(request_id):
                         if output.finished:
                             results[request_id] = output

@@ -65,12 +65,16 @@ class _Parent:
 
     @property
     def finished(self) -> bool:
-        return all(c.finish_reason is not None for c in self.children.values())
+        for child in self.children.values():  # asked per request per step: a plain loop, no generator
+            if child.finish_reason is None:
+                return False
+        return True
 
 
 class OutputProcessor:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        self._token_texts: dict[int, str] = {}  # token id -> its text alone (logprobs), at most one per vocab entry
         self._parents: dict[str, _Parent] = {}
         self._parent_of: dict[str, _Parent] = {}
 
@@ -78,7 +82,8 @@ class OutputProcessor:
         children = {}
         for index, req in enumerate(requests):
             p = req.sampling_params
-            detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, skip_special_tokens=p.skip_special_tokens,
+            detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids,
+                                           skip_special_tokens=p.skip_special_tokens,
                                            spaces_between_special_tokens=p.spaces_between_special_tokens,
                                            stop=p.stop or [], include_stop_str_in_output=p.include_stop_str_in_output)
             children[req.request_id] = _Child(index, req, detok, logprobs=[] if p.logprobs is not None else None,
@@ -123,6 +128,8 @@ class OutputProcessor:
             touched[parent.request_id] = parent
         results = []
         for parent in touched.values():
+            if parent.kind is OutputKind.FINAL_ONLY and not parent.finished:
+                continue  # no output yet, nothing to forget
             result = self._make_output(parent, to_fail)
             if result is not None:
                 results.append(result)
@@ -173,16 +180,18 @@ class OutputProcessor:
         if parent.kind is OutputKind.FINAL_ONLY and not parent.finished:
             return None
         delta = parent.kind is OutputKind.DELTA
-        texts = {}
-        for child in parent.children.values():
+        children = list(parent.children.values())
+        if len(children) > 1:
+            children.sort(key=lambda c: c.index)
+        texts = []
+        for child in children:
             try:
-                texts[child.index] = child.detokenizer.get_next_output_text(child.finish_reason is not None, delta)
+                texts.append(child.detokenizer.get_next_output_text(child.finish_reason is not None, delta))
             except Exception as exc:
-                texts[child.index] = ""
+                texts.append("")
                 child.fail("detokenizing the output", exc, to_fail)
         completions = []
-        for child in sorted(parent.children.values(), key=lambda c: c.index):
-            text = texts[child.index]
+        for child, text in zip(children, texts):
             tokens = child.token_ids[child.sent_tokens:] if delta else list(child.token_ids)
             logprobs = child.logprobs
             if delta and logprobs is not None:
@@ -197,7 +206,10 @@ class OutputProcessor:
                              _request_metrics(parent) if finished else {})
 
     def _decode(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        text = self._token_texts.get(token_id)
+        if text is None:  # logprobs name k + 1 tokens per position: decode each id once, not every time
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
 
 
 def _request_metrics(parent: _Parent) -> dict[str, float]:

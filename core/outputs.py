@@ -57,6 +57,7 @@ def logprobs_to_dicts(logprobs: Logprobs, decode) -> list[PositionLogprobs]:
     for ids, values, rank in zip(logprobs.token_ids, logprobs.logprobs, logprobs.ranks):
         entry: PositionLogprobs = {ids[0]: Logprob(values[0], rank, decode(ids[0]))}
         for j, (token_id, value) in enumerate(zip(ids[1:], values[1:]), start=1):
-            entry.setdefault(token_id, Logprob(value, j, decode(token_id)))
+            if token_id not in entry:  # the chosen token keeps its own rank when it is also among the top-k
+                entry[token_id] = Logprob(value, j, decode(token_id))
         positions.append(entry)
     return positions

@@ -55,7 +55,8 @@ def process_logits(logits: torch.Tensor, metadata: SamplingMetadata) -> Processe
     """Everything before the draw, shared by the sampler and the rejection sampler so that a
     verified draft position sees exactly the distribution a plain step would. Does not modify
     the caller's logits."""
-    logits = logits.to(torch.float32, copy=True)  # [B, V]; every stage below works in place
+    # [B, V] in float32; the stages below work in place, so on a copy, unless none of them runs
+    logits = logits.to(torch.float32, copy=not metadata.all_greedy or _has_logits_processors(metadata))
     wants_logprobs = metadata.max_num_logprobs is not None
     mode = metadata.logprobs_mode
 
@@ -108,7 +109,7 @@ def mark_rows_without_token(logits: torch.Tensor, token_ids: torch.Tensor) -> to
     finite logit whenever the row has one, so this finds exactly the rows with none, at the
     cost of a gather."""
     chosen = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1)  # [B]
-    return token_ids.masked_fill(~torch.isfinite(chosen), NO_TOKEN)
+    return torch.where(torch.isfinite(chosen), token_ids, NO_TOKEN)
 
 
 def _check_inputs(logits: torch.Tensor, metadata: SamplingMetadata) -> None:
@@ -127,6 +128,12 @@ def _check_inputs(logits: torch.Tensor, metadata: SamplingMetadata) -> None:
 
 
 # ---------------------------------------------------------------- logits processors
+
+def _has_logits_processors(metadata: SamplingMetadata) -> bool:
+    """Whether ``apply_logits_processors`` changes anything for this batch."""
+    return (metadata.allowed_token_ids_mask is not None or bool(metadata.bad_words_token_ids)
+            or bool(metadata.min_tokens) or any(metadata.logit_bias) or metadata.has_penalties)
+
 
 def apply_logits_processors(logits: torch.Tensor, metadata: SamplingMetadata) -> None:
     """Masks, bias and penalties, in place on float32 logits [B, V] (vLLM V1 order)."""

@@ -104,8 +104,16 @@ class KVCacheManager:
         the release of blocks the sliding window has left behind (no later step reads them)."""
         if num_new_tokens < 1:
             raise ValueError(f"num_new_tokens must be >= 1, got {num_new_tokens}")
-        new_computed_blocks = new_computed_blocks or []
         req_blocks = self._req_to_blocks.get(request.request_id, [])
+        if req_blocks and not (new_computed_blocks or num_new_computed_tokens or self.sliding_window):
+            # the common decode step: the request's blocks still hold its new tokens (the general
+            # path below would find no block to allocate and nothing to free)
+            num_slots = request.num_computed_tokens + num_new_tokens
+            if min(num_slots, self.max_model_len) <= len(req_blocks) * self.block_size:
+                if self.enable_caching:
+                    self._cache_full_blocks(request, min(num_slots, request.num_tokens))
+                return []
+        new_computed_blocks = new_computed_blocks or []
         num_computed_tokens = request.num_computed_tokens + num_new_computed_tokens
         num_skipped = self._num_blocks_before_window(num_computed_tokens)
         if num_skipped:
