@@ -190,12 +190,12 @@ class ModelRunner:
                     logger.exception("request %s: computing its prompt logprobs failed", req_ids[i])
                     output.failed[req_ids[i]] = RequestError(f"computing prompt logprobs failed: {exc!r}")
                     sampled.pop(r, None)
-        for r in rows:
-            tokens = sampled.get(r, [])
-            output.sampled_token_ids.append(tokens)
-            batch.num_computed_tokens[r] += so.num_scheduled_tokens[batch.rows[r].req_id]
+        batch.num_computed_tokens[rows_arr] += counts  # rows are distinct: one add each
+        output.sampled_token_ids = [sampled.get(r) or [] for r in rows]
+        append_token = batch.append_token
+        for r, tokens in sampled.items():
             for token in tokens:
-                batch.append_token(r, token)
+                append_token(r, token)
         if self.drafter is not None and sampled:
             context = None
             if self.drafter.uses_hidden_states:

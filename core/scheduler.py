@@ -231,6 +231,8 @@ class Scheduler:
         finished_ids: set[str] = set()
         failed = runner_output.failed
         preempted_with_token = False
+        drafts, all_logprobs = runner_output.draft_token_ids, runner_output.logprobs
+        all_prompt_logprobs = runner_output.prompt_logprobs
         if self.async_scheduling:
             self._release_placeholders()
         for req_id, sampled in zip(runner_output.req_ids, runner_output.sampled_token_ids):
@@ -250,16 +252,18 @@ class Scheduler:
                 new_token_ids = self._append_until_stop(request, sampled)
             if failed and req_id in failed and not request.is_finished:
                 request.fail(failed[req_id])
-            if request.is_finished:
+            is_finished = request.status.is_finished
+            if is_finished:
                 finished_ids.add(req_id)
                 self._free(request)
-            else:
-                request.spec_token_ids = list(runner_output.draft_token_ids.get(req_id, ()))
-            prompt_logprobs = runner_output.prompt_logprobs.get(req_id)
-            if new_token_ids or prompt_logprobs is not None or request.is_finished:
+            elif drafts or request.spec_token_ids:
+                request.spec_token_ids = list(drafts.get(req_id, ()))
+            prompt_logprobs = all_prompt_logprobs.get(req_id) if all_prompt_logprobs else None
+            if new_token_ids or prompt_logprobs is not None or is_finished:
+                logprobs = _first_rows(all_logprobs.get(req_id), len(new_token_ids)) if all_logprobs else None
                 outputs.append(EngineCoreOutput(
-                    req_id, new_token_ids, _first_rows(runner_output.logprobs.get(req_id), len(new_token_ids)),
-                    prompt_logprobs, request.status.finish_reason, request.stop_reason,
+                    req_id, new_token_ids, logprobs, prompt_logprobs,
+                    request.status.finish_reason if is_finished else None, request.stop_reason,
                     max(request.num_cached_tokens, 0), request.error))
         for req_id, error in runner_output.failed.items():  # failed before the runner gave them a row
             request = self.requests.get(req_id)
@@ -435,6 +439,16 @@ class Scheduler:
         """Append tokens one by one; the first that stops the request (a stop condition, or
         the end of its grammar) is the last one kept. A stage that raises fails this request
         alone, keeping the tokens appended before it."""
+        if len(sampled) == 1 and request.grammar is None:  # the common step: one token, no grammar
+            try:
+                request.append_output_token_ids(sampled)
+                check_stop(request, self.max_model_len)
+                return sampled
+            except Exception as exc:
+                logger.exception("request %s: checking its new tokens failed", request.request_id)
+                request.fail(RequestError(f"checking the request's new tokens (stop conditions, grammar) failed: "
+                                          f"{exc!r}"))
+                return sampled if request.output_token_ids[-1:] == sampled else []
         num_before = len(request.output_token_ids)
         try:
             for count, token_id in enumerate(sampled, 1):
