@@ -90,7 +90,11 @@ class NoComputeForCausalLM(Model):
         table[torch.arange(len(script)), script] = 30.0
         self.register_buffer("next_logits", table.roll(-1, dims=0), persistent=False)  # row p: token p + 1
 
+    device_seconds = 0.0  # --device-ms: each forward waits this long without the GIL, like a device step
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata) -> torch.Tensor:
+        if self.device_seconds:
+            time.sleep(self.device_seconds)
         return positions[:, None]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -160,12 +164,12 @@ def instrument(engine: LLMEngine) -> Timers:
     return timers
 
 
-def build_engine(path: Path, device: str, max_tokens: int) -> LLMEngine:
+def build_engine(path: Path, device: str, max_tokens: int, **options) -> LLMEngine:
     max_model_len = PROMPT_LEN + max_tokens + BLOCK_SIZE
     blocks = 256 * -(-max_model_len // BLOCK_SIZE) + 1
     config = EngineConfig.build(model=str(path), load_format="dummy", dtype="float32", device=device,
                                 max_model_len=max_model_len, block_size=BLOCK_SIZE, num_gpu_blocks_override=blocks,
-                                max_num_seqs=256, max_num_batched_tokens=8192)
+                                max_num_seqs=256, max_num_batched_tokens=8192, **options)
     return LLMEngine(config, Registry(builtins=(*BUILTIN_PLUGINS, __name__), entry_points=False))
 
 
@@ -221,6 +225,59 @@ def run_row(engine: LLMEngine, timers: Timers, script: list[int], num_requests: 
     return parts
 
 
+def overlap_row(engine: LLMEngine, script: list[int], num_requests: int, warmup: int, steps: int,
+                max_tokens: int) -> float:
+    """Wall ms per ``LLMEngine.step`` (everything, the emulated device time included) over ``steps``
+    greedy decode steps of ``num_requests`` running requests."""
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+    ids = []
+    for i in range(num_requests):
+        request_id = engine.next_request_id()
+        engine.add_request(request_id, {"prompt_token_ids": [script[(i + p) % len(script)] for p in
+                                                             range(PROMPT_LEN)]}, params, OutputKind.FINAL_ONLY)
+        ids.append(request_id)
+    scheduler = engine.core.scheduler
+    while scheduler.waiting or any(r.num_computed_tokens < r.num_tokens - 1 for r in scheduler.running):
+        engine.step()
+    for _ in range(warmup):
+        engine.step()
+    began = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    ms = (time.perf_counter() - began) * 1e3 / steps
+    if len(scheduler.running) != num_requests:
+        raise RuntimeError(f"{len(scheduler.running)} requests ran, not {num_requests}")
+    engine.abort_request(ids)
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.step()  # the runner drops the aborted rows
+    return ms
+
+
+def overlap_table(path: Path, args, script: list[int], max_tokens: int) -> list[dict]:
+    """Synchronous against ``async_scheduling=True`` with the forward taking ``--device-ms`` of device time."""
+    engines = {"sync": build_engine(path, args.device, max_tokens),
+               "async": build_engine(path, args.device, max_tokens, async_scheduling=True)}
+    rows = []
+    for device_ms in args.device_ms:
+        NoComputeForCausalLM.device_seconds = device_ms / 1e3
+        for num_requests in [int(b) for b in args.batches.split(",")]:
+            best = {}
+            for _ in range(args.repeats):  # alternated, best of the repeats
+                for name, engine in engines.items():
+                    ms = overlap_row(engine, script, num_requests, args.warmup, args.steps, max_tokens)
+                    best[name] = min(best.get(name, ms), ms)
+            host = best["sync"] - device_ms
+            hidden = (best["sync"] - best["async"]) / host if host > 0 else float("nan")
+            rows.append({"requests": num_requests, "device_ms": device_ms, "sync_ms": best["sync"],
+                         "async_ms": best["async"], "speedup": best["sync"] / best["async"],
+                         "host_hidden": hidden})
+            print(f"  device {device_ms} ms, {num_requests} requests: sync {best['sync']:.2f} ms/step, "
+                  f"async {best['async']:.2f} ms/step", flush=True)
+    NoComputeForCausalLM.device_seconds = 0.0
+    return rows
+
+
 # row key -> column heading
 COLUMNS = {"schedule": "schedule", "inputs": "inputs", "sample": "sample", "sampler": "sampler", "runner": "runner",
            "update": "update", "output": "output", "other": "other", "host": "HOST", "host median": "host p50",
@@ -241,6 +298,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (the host loop is one thread; on a shared CPU more threads "
                              "wait for each other)")
+    parser.add_argument("--device-ms", type=float, nargs="*", default=[],
+                        help="also time whole steps, synchronous against async_scheduling=True, with each forward "
+                             "taking this much emulated device time (GIL released), e.g. --device-ms 0 5 10")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     max_tokens = args.warmup + args.steps + 64  # decoding past the last measured step
@@ -249,6 +309,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         script = make_checkpoint(Path(tmp), args.vocab)
         engine = build_engine(Path(tmp), args.device, max_tokens)
+        overlap = overlap_table(Path(tmp), args, script, max_tokens) if args.device_ms else []
     timers = instrument(engine)
     profile = cProfile.Profile() if args.profile else None
     best: dict[tuple[int, str], dict[str, float]] = {}
@@ -271,8 +332,15 @@ def main() -> None:
     print(f"{'reqs':>4} {'variant':<27}" + "".join(f"{heading:>9}" for heading in COLUMNS.values()))
     for row in results:
         print(f"{row['requests']:>4} {row['variant']:<27}" + "".join(f"{row[c]:>9.3f}" for c in COLUMNS))
+    if overlap:
+        print("\nwhole step, wall ms (device time included): synchronous loop vs async_scheduling=True; "
+              "host hidden = (sync - async) / (sync - device)")
+        print(f"{'reqs':>4} {'device ms':>10} {'sync':>9} {'async':>9} {'speedup':>8} {'host hidden':>12}")
+        for row in overlap:
+            print(f"{row['requests']:>4} {row['device_ms']:>10.1f} {row['sync_ms']:>9.2f} {row['async_ms']:>9.2f} "
+                  f"{row['speedup']:>7.2f}x {row['host_hidden']:>11.0%}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        Path(args.json).write_text(json.dumps({"parts": results, "overlap": overlap}, indent=1))
 
 
 if __name__ == "__main__":
