@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import threading
@@ -119,5 +120,9 @@ def serve(config: EngineConfig, *, host: str = "127.0.0.1", port: int = 8000, ap
                     reasoning_parser=reasoning_parser)
     server = _Server(uvicorn_config(app, host=host, port=port, shutdown_timeout=shutdown_timeout + CANCEL_GRACE,
                                     log_level=log_level), engine, drain_timeout=shutdown_timeout)
+    # The engine, model and app live as long as the process: keep the collector from walking them again at
+    # every collection (a step at 256 requests with logprobs went from 11.8 to 9.0 ms of host time)
+    gc.collect()
+    gc.freeze()
     server.run()
     return 0 if server.started else 1
