@@ -60,6 +60,7 @@ import os
 import random
 import select
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -153,7 +154,7 @@ def install_done(log: Path) -> int | None:
 
 
 def install_running(venv: Path) -> bool:
-    """Whether some process runs the venv's python or pip (an install in progress)."""
+    """Whether some process runs pip from the venv (an install in progress)."""
     needle = str(venv / "bin").encode()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -379,7 +380,7 @@ class Worker:
         with log.open("w") as out:
             self.proc = subprocess.Popen([engine.python, str(WORKER), json.dumps(spec), str(write_end)],
                                          stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, text=True,
-                                         pass_fds=(write_end,), env=env, cwd=log.parent)
+                                         pass_fds=(write_end,), env=env, cwd=log.parent, start_new_session=True)
         os.close(write_end)
         self.fd, self.buffer = read_end, b""
 
@@ -421,8 +422,12 @@ class Worker:
                 self.proc.stdin.close()
                 self.proc.wait(timeout=60)
             except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
+                pass
+        try:  # its own session: the engine's helper processes (vLLM's engine core and worker) go with it
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
         os.close(self.fd)
 
 
@@ -457,7 +462,7 @@ def figures(engine: Engine, num_in: int, num_out: int, decode_len: int) -> dict:
     return out
 
 
-def print_report(engines: list[Engine], workload: dict, num_prompts: int, rounds: int) -> dict:
+def print_report(engines: list[Engine], workload: dict, num_prompts: int, done: int, rounds: int) -> dict:
     by_name = {e.name: e for e in engines}
     lens = workload["batch"]["output_lens"][:num_prompts]
     num_in = sum(len(p) for p in workload["batch"]["prompts"][:num_prompts])
@@ -465,7 +470,7 @@ def print_report(engines: list[Engine], workload: dict, num_prompts: int, rounds
     figs = {e.name: figures(e, num_in, num_out, decode_len) for e in engines}
     rows = [("batch", "total tok/s", "total_tok_s", True), ("batch", "output tok/s", "output_tok_s", True),
             ("decode", "ms/token", "ms_per_token", False)]
-    print(f"\n## Results ({rounds} rounds; best = fastest round, median = median round; speed ratio >1: "
+    print(f"\n## Results ({done} of {rounds} rounds; best = fastest round, median = median round; speed ratio >1: "
           f"tokenmill faster)\n")
     print(f"batch: {num_prompts} prompts, {num_in} prompt + {num_out} output tokens, greedy, EOS ignored. "
           f"decode: 1 prompt of {len(workload['decode']['prompt'])} tokens, {decode_len} output tokens, "
@@ -634,6 +639,20 @@ def main() -> None:
         print(f"- {e.name}: {e.weights}, model {e.model}\n  python {e.python}; options {e.options}"
               + (f"; env {env}" if env else "") + f"\n  resolved {e.resolved}")
 
+    def dump(report: dict | None = None) -> None:  # after every round too: a killed run keeps what it measured
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"rounds": a.rounds, "rounds_done": done, "num_prompts": a.num_prompts, "threads": a.threads,
+                           "seed": a.seed, "weights": facts, "hf_dir": str(hf_dir), "f32_gguf": str(f32),
+                           "workload": str(workload_path),
+                           "engines": [{k: v for k, v in asdict(e).items() if not k.endswith("_tokens")}
+                                       for e in engines], **(report or {})}, f, indent=2)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    done = 0
     try:
         for r in range(a.rounds):
             order = engines if r % 2 == 0 else engines[::-1]
@@ -664,17 +683,16 @@ def main() -> None:
                 print(f"  {e.name:<14} batch {batch['wall_s']:7.2f} s (engine {batch['cores']:.2f} cores, others "
                       f"{batch['others']:.2f})   decode {ms:6.2f} ms/token (engine {decode['cores']:.2f} cores, "
                       f"others {decode['others']:.2f})", flush=True)
+            done = r + 1
+            dump()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted in round {done + 1}: the report covers what was measured", flush=True)
     finally:
         for worker in workers.values():
             worker.close()
 
-    report = print_report(engines, workload, a.num_prompts, a.rounds)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"rounds": a.rounds, "num_prompts": a.num_prompts, "threads": a.threads, "seed": a.seed,
-                       "weights": facts, "hf_dir": str(hf_dir), "f32_gguf": str(f32), "workload": str(workload_path),
-                       "engines": [{k: v for k, v in asdict(e).items() if k not in ("batch_tokens", "decode_tokens")}
-                                   for e in engines], **report}, f, indent=2)
+    report = print_report(engines, workload, a.num_prompts, done, a.rounds)
+    dump(report)
     if all(e.error for e in engines if e.kind == "tokenmill"):
         sys.exit(1)
 
