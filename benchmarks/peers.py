@@ -639,7 +639,7 @@ def main() -> None:
         print(f"- {e.name}: {e.weights}, model {e.model}\n  python {e.python}; options {e.options}"
               + (f"; env {env}" if env else "") + f"\n  resolved {e.resolved}")
 
-    def dump(report: dict | None = None) -> None:  # after every round too: a killed run keeps what it measured
+    def dump(report: dict | None = None) -> None:  # after every measurement: a killed run keeps what it had
         if a.json:
             with open(a.json, "w") as f:
                 json.dump({"rounds": a.rounds, "rounds_done": done, "num_prompts": a.num_prompts, "threads": a.threads,
@@ -683,8 +683,8 @@ def main() -> None:
                 print(f"  {e.name:<14} batch {batch['wall_s']:7.2f} s (engine {batch['cores']:.2f} cores, others "
                       f"{batch['others']:.2f})   decode {ms:6.2f} ms/token (engine {decode['cores']:.2f} cores, "
                       f"others {decode['others']:.2f})", flush=True)
+                dump()
             done = r + 1
-            dump()
     except KeyboardInterrupt:
         print(f"\ninterrupted in round {done + 1}: the report covers what was measured", flush=True)
     finally:
