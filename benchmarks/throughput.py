@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/throughput.py                 # 64 prompts, inputs 16-512, outputs 16-256
     .venv/bin/python benchmarks/throughput.py --quick         # smoke test: 8 short prompts
+    .venv/bin/python benchmarks/throughput.py --quantization none     # the GGUF expanded to fp32
+    .venv/bin/python benchmarks/throughput.py --decode        # batch 1: ms per decoded token, tokenmill only
     python benchmarks/throughput.py --device cuda --shape llama3-8b     # the GPU benchmark (below)
 
 With ``--shape`` (llama3-8b or smollm2-135m; llama-110m, a CPU-sized Llama) both engines run random weights at
@@ -296,6 +298,34 @@ def main_shape(a: argparse.Namespace) -> None:
                        "greedy_identical": same, "greedy_prefix_agreement": prefix}, f, indent=2)
 
 
+DECODE_PROMPT_LEN, DECODE_TOKENS = 32, 64
+
+
+def main_decode(a: argparse.Namespace) -> None:
+    """Batch-1 decode: (time for 1 + DECODE_TOKENS tokens - time for 1) / DECODE_TOKENS, so the prompt's
+    prefill and the first token's sampling drop out."""
+    vocab_size = load_hf_config(resolve_model_source(a.model, "gguf")).vocab_size
+    rng = random.Random(a.seed)
+    prompt = [rng.randrange(vocab_size) for _ in range(DECODE_PROMPT_LEN)]
+    llm = LLM(a.model, device=a.device, max_model_len=DECODE_PROMPT_LEN + 1 + DECODE_TOKENS, block_size=BLOCK_SIZE,
+              enable_prefix_caching=False, quantization=a.quantization)
+    run_tokenmill(llm, [prompt], [4])
+    per_token = []
+    for _ in range(3):
+        first, _ = run_tokenmill(llm, [prompt], [1])
+        whole, _ = run_tokenmill(llm, [prompt], [1 + DECODE_TOKENS])
+        per_token.append((whole - first) / DECODE_TOKENS * 1000)
+    print(f"model {a.model} on {llm.engine.core.device} ({str(llm.engine.core.dtype).removeprefix('torch.')}, "
+          f"quantization {llm.engine.core.quantization}, {torch.get_num_threads()} threads): batch 1, "
+          f"{DECODE_PROMPT_LEN}-token prompt, {min(per_token):.1f} ms per decoded token "
+          f"(runs: {', '.join(f'{t:.1f}' for t in per_token)})")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"model": a.model, "quantization": llm.engine.core.quantization,
+                       "num_threads": torch.get_num_threads(), "ms_per_token": min(per_token),
+                       "runs_ms_per_token": per_token}, f, indent=2)
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=DEFAULT_MODEL, help="a GGUF model: the HF reference reads it too")
@@ -308,6 +338,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for both (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 8 prompts, inputs <= 64, outputs <= 24")
+    ap.add_argument("--quantization", choices=["gguf", "none"], default=None,
+                    help="tokenmill's option: the GGUF's block formats kept (default) or expanded (none)")
+    ap.add_argument("--decode", action="store_true",
+                    help=f"batch 1 instead: a {DECODE_PROMPT_LEN}-token prompt, ms per token over "
+                         f"{DECODE_TOKENS} decoded ones (the best of 3), tokenmill only")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
                     help="random weights at this real shape instead of --model (the GPU benchmark)")
@@ -333,6 +368,8 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     if a.shape is not None:
         return main_shape(a)
+    if a.decode:
+        return main_decode(a)
     source = resolve_model_source(a.model, "gguf")
     prompts, output_lens = make_workload(a.num_prompts, a.max_input_len, a.max_output_len,
                                          load_hf_config(source).vocab_size, a.seed)
@@ -340,7 +377,7 @@ def main() -> None:
     num_blocks = sum(-(-(len(p) + n) // BLOCK_SIZE) for p, n in zip(prompts, output_lens)) + a.num_prompts + 1
     llm = LLM(a.model, device=a.device, max_model_len=a.max_input_len + a.max_output_len,
               max_num_seqs=a.max_num_seqs, block_size=BLOCK_SIZE, num_gpu_blocks_override=num_blocks,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, quantization=a.quantization)
     device, dtype = str(llm.engine.core.device), llm.engine.core.dtype
     hf_model = load_hf_model(source, device, dtype)
     num_in, num_out = sum(map(len, prompts)), sum(output_lens)

@@ -38,7 +38,8 @@ class Fp8Weight:
     def from_weight(cls, weight: torch.Tensor) -> Fp8Weight:
         w = weight.detach().float()
         scale = (w.abs().amax(dim=1) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
-        return cls((w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale)
+        # rows contiguous whatever the layout of ``weight`` (a CPU Linear keeps its weight column-major)
+        return cls((w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).contiguous(), scale)
 
     @property
     def nbytes(self) -> int:

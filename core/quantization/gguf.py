@@ -50,7 +50,7 @@ from gguf import GGMLQuantizationType
 __all__ = ["FORMATS", "BlockFormat", "GGUFWeight", "Int4Pack", "block_format", "dequantize", "matmul_tiled"]
 
 Q = GGMLQuantizationType
-# (q uint8 [n, block_size], scale float32 [n, groups], min float32 [n, groups] or None)
+# (q uint8 [n, block_size] (int8 q - offset for ``signed``), scale float32 [n, groups], min float32 [n, groups] or None)
 Affine = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
@@ -74,16 +74,29 @@ class BlockFormat:
     group_size: int = 32
     affine: Callable[[torch.Tensor], Affine] | None = None
     float_dtype: torch.dtype | None = None
+    # where the blocks store q - offset as int8 (Q8_0): (that view, scale, min), read without arithmetic
+    signed: Callable[[torch.Tensor], Affine] | None = None
 
-    def dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
-        """uint8 blocks [n, type_size] -> float32 weights [n, block_size], the same bits as gguf.quants."""
+    def dequantize_blocks(self, blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 blocks [n, type_size] -> float32 weights [n, block_size], the same bits as gguf.quants;
+        into ``out`` (contiguous float32 [n, block_size]) when given.
+
+        ``q - offset`` is a small integer, so it is formed exactly in int8 (``signed``, or ``affine``'s q
+        minus the offset) and the float math is the format's own: one product, one sum."""
+        if out is None:
+            out = torch.empty(blocks.shape[0], self.block_size, dtype=torch.float32, device=blocks.device)
         if self.affine is None:
-            return blocks.contiguous().view(self.float_dtype).float()
-        q, scale, min_ = self.affine(blocks)
-        w = scale.unsqueeze(-1) * (q.float().unflatten(1, (-1, self.group_size)) - self.offset)
+            return out.copy_(blocks.contiguous().view(self.float_dtype))
+        if self.signed is not None:
+            v, scale, min_ = self.signed(blocks)
+        else:  # q < 64: the same value as int8
+            q, scale, min_ = self.affine(blocks)
+            v = q.view(torch.int8) if self.offset == 0 else q.view(torch.int8) - self.offset
+        w = out.view(blocks.shape[0], -1, self.group_size)
+        w.copy_(v.unflatten(1, (-1, self.group_size))).mul_(scale.unsqueeze(-1))
         if min_ is not None:
-            w = w + min_.unsqueeze(-1)
-        return w.flatten(1)
+            w += min_.unsqueeze(-1)
+        return out
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
@@ -137,6 +150,10 @@ def _q8_0(b: torch.Tensor) -> Affine:
     return b[:, 2:] ^ 0x80, _f16(b[:, :2]), None  # int8 v as the unsigned v + 128
 
 
+def _q8_0_signed(b: torch.Tensor) -> Affine:
+    return b[:, 2:].view(torch.int8), _f16(b[:, :2]), None
+
+
 def _q4_k(b: torch.Tensor) -> Affine:
     q = _nibbles(b[:, 16:].unflatten(1, (4, 32))).flatten(1)  # [n, 4 pairs, 2, 32] -> sub-block order
     return (q, *_k_scales(b))
@@ -163,7 +180,7 @@ FORMATS: dict[GGMLQuantizationType, BlockFormat] = {f.qtype: f for f in [
     BlockFormat(Q.Q4_1, 32, 20, bits=4, affine=_q4_1),
     BlockFormat(Q.Q5_0, 32, 22, bits=5, offset=16, affine=_q5_0),
     BlockFormat(Q.Q5_1, 32, 24, bits=5, affine=_q5_1),
-    BlockFormat(Q.Q8_0, 32, 34, bits=8, offset=128, affine=_q8_0),
+    BlockFormat(Q.Q8_0, 32, 34, bits=8, offset=128, affine=_q8_0, signed=_q8_0_signed),
     BlockFormat(Q.Q4_K, 256, 144, bits=4, affine=_q4_k),
     BlockFormat(Q.Q5_K, 256, 176, bits=5, affine=_q5_k),
     BlockFormat(Q.Q6_K, 256, 210, bits=6, offset=32, group_size=16, affine=_q6_k),
@@ -191,18 +208,22 @@ def is_quantized(qtype: int) -> bool:
     return block_format(qtype).affine is not None
 
 
-def dequantize(data: torch.Tensor, qtype: int, in_features: int) -> torch.Tensor:
-    """Rows of blocks, uint8 [rows, bytes_per_row] -> float32 [rows, in_features], on data's device."""
+def dequantize(data: torch.Tensor, qtype: int, in_features: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of blocks, uint8 [rows, bytes_per_row] -> float32 [rows, in_features], on data's device (into
+    ``out``, contiguous float32 [rows, in_features], when given)."""
     fmt = block_format(qtype)
-    return fmt.dequantize_blocks(data.reshape(-1, fmt.type_size)).reshape(data.shape[0], in_features)
+    blocks = data.reshape(-1, fmt.type_size)
+    out = fmt.dequantize_blocks(blocks, None if out is None else out.view(blocks.shape[0], fmt.block_size))
+    return out.view(data.shape[0], in_features)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # CPU matmul: dequantized tiles, or PyTorch's int4 kernel
 # ---------------------------------------------------------------------------------------------------------------
 
-# float32 weights per dequantized tile: 1 MiB, small enough to stay in cache while the tile is multiplied
-_TILE_WEIGHTS = 1 << 18
+# float32 weights per dequantized tile: 2 MiB, small enough to stay in cache while the tile is multiplied,
+# large enough that the ~10 ops per tile cost little beside their work
+_TILE_WEIGHTS = 1 << 19
 
 
 def matmul_tiled(x: torch.Tensor, data: torch.Tensor, qtype: int, in_features: int) -> torch.Tensor:
@@ -211,10 +232,12 @@ def matmul_tiled(x: torch.Tensor, data: torch.Tensor, qtype: int, in_features: i
     Exact float32 math for float32 x; for a 16-bit x each tile is rounded to x's dtype before the matmul.
     """
     num_rows = data.shape[0]
-    tile = max(16, _TILE_WEIGHTS // in_features)
+    tile = min(num_rows, max(16, _TILE_WEIGHTS // in_features))
     out = torch.empty(x.shape[0], num_rows, dtype=x.dtype, device=x.device)
+    buffer = torch.empty(tile * in_features, dtype=torch.float32, device=x.device)  # one tile's worth, reused
     for start in range(0, num_rows, tile):
-        w = dequantize(data[start:start + tile], qtype, in_features).to(x.dtype)
+        rows = data[start:start + tile]
+        w = dequantize(rows, qtype, in_features, out=buffer[:rows.shape[0] * in_features]).to(x.dtype)
         torch.matmul(x, w.T, out=out[:, start:start + tile])
     return out
 
@@ -287,7 +310,9 @@ class Int4Pack:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T``: x [T, K] -> [T, N] in x's dtype."""
-        xs = _pad_groups(x.to(torch.bfloat16), self.group_size, 0).repeat(1, self.num_planes)
+        xs = _pad_groups(x.to(torch.bfloat16), self.group_size, 0)
+        if self.num_planes > 1:
+            xs = xs.repeat(1, self.num_planes)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(xs, self.packed, 32, self.scales_and_zeros).to(x.dtype)
 
 

@@ -61,9 +61,10 @@ _BUCKET_OVERHEAD_TOKENS = 256
 class _DecodeBucket:
     num_rows: int
     padded_len: int
-    token_index: torch.Tensor  # int64 [R]: the rows' query tokens in the flat batch
+    token_index: torch.Tensor  # int64 [R]: the rows' query tokens in the flat batch, ascending
+    tokens: slice | None  # the same as a range, when they are consecutive (then no index op is needed)
     kv_blocks: torch.Tensor  # int64 [2 * R * padded_len / block_size]: see _kv_blocks
-    mask: torch.Tensor  # bool [R, 1, 1, padded_len]: True where a key is visible
+    mask: torch.Tensor  # fp32 [R, 1, 1, padded_len]: 0 where a key is visible, -inf where not (see _additive)
 
 
 @dataclass(slots=True)
@@ -72,7 +73,7 @@ class _Prefill:
     end: int
     num_keys: int  # keys from the first block gathered (or the chunk's first token) to the last
     kv_blocks: torch.Tensor | None  # int64 (see _kv_blocks), None when the chunk is the whole context
-    mask: torch.Tensor | None  # bool [query_len, num_keys], None for plain causal over the chunk alone
+    mask: torch.Tensor | None  # fp32 [query_len, num_keys] (see _additive), None: plain causal over the chunk alone
 
 
 @dataclass(slots=True)
@@ -154,22 +155,30 @@ class TorchAttentionBackend(AttentionBackend):
             key_cache.view(-1, *key_cache.shape[2:])[plan.slots] = new_k
             value_cache.view(-1, *value_cache.shape[2:])[plan.slots] = new_v
 
-        out = torch.empty_like(q)
-        out[n:].zero_()  # padding rows: any finite value
         group = self.num_heads // self.num_kv_heads
         window_plan = plan.for_window(sliding_window)
+        # one bucket of every token (all decode, e.g. batch 1): its result is the output, no copy
+        is_one_bucket = not window_plan.prefill and len(window_plan.decode) == 1 \
+            and window_plan.decode[0].tokens == slice(0, q.shape[0])
+        if not is_one_bucket:
+            out = torch.empty_like(q)
+            out[n:].zero_()  # padding rows: any finite value
         for bucket in window_plan.decode:
             keys, values = self._gather(kv_cache, bucket.kv_blocks, k_scale, v_scale)  # [R * L, KV, D] each
             keys = keys.view(bucket.num_rows, bucket.padded_len, self.num_kv_heads, -1).transpose(1, 2)
             values = values.view(bucket.num_rows, bucket.padded_len, self.num_kv_heads, -1).transpose(1, 2)
-            qh = q[bucket.token_index].view(bucket.num_rows, self.num_kv_heads, group, -1)
+            rows = bucket.token_index if bucket.tokens is None else bucket.tokens
+            qh = q[rows].reshape(bucket.num_rows, self.num_kv_heads, group, -1)
             if logits_soft_cap is None:
                 attn = F.scaled_dot_product_attention(qh.float(), keys.float(), values.float(),
                                                       attn_mask=bucket.mask, scale=scale)  # [R, KV, group, D]
             else:
                 attn = _soft_capped_attention(qh.float(), keys.float(), values.float(), bucket.mask, scale,
                                               logits_soft_cap)
-            out[bucket.token_index] = attn.reshape(bucket.num_rows, self.num_heads, -1).to(out.dtype)
+            attn = attn.reshape(bucket.num_rows, self.num_heads, -1).to(q.dtype)
+            if is_one_bucket:
+                return attn
+            out[rows] = attn
         for chunk in window_plan.prefill:
             start, end = chunk.start, chunk.end
             if chunk.kv_blocks is None:  # no cached prefix: this step's k/v are the whole context
@@ -188,7 +197,7 @@ class TorchAttentionBackend(AttentionBackend):
                 qh = q[start:end].transpose(0, 1).reshape(self.num_kv_heads, group, end - start, -1)
                 mask = chunk.mask
                 if mask is None:
-                    mask = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).tril()
+                    mask = _additive(torch.ones(end - start, end - start, dtype=torch.bool).tril(), q.device)
                 attn = _soft_capped_attention(qh.float(), keys[:, None].float(), values[:, None].float(), mask,
                                               scale, logits_soft_cap).flatten(0, 1)
             out[start:end] = attn.transpose(0, 1).to(out.dtype)  # [H, Q, D] -> [Q, H, D]
@@ -241,6 +250,7 @@ def _window_plan(step: _StepPlan, window: int | None) -> _WindowPlan:
     decode = []
     span_lens = (last_block - first_block + 1) * block_size  # tokens of the blocks a row gathers
     for rows in _bucket_rows(np.flatnonzero(query_lens == 1), span_lens, block_size):
+        rows = np.sort(rows)  # in batch order: consecutive tokens read as a slice
         padded_len = int(span_lens[rows].max())
         rows_t = torch.from_numpy(rows)
         block_index = torch.from_numpy(first_block[rows])[:, None] + torch.arange(padded_len // block_size)
@@ -250,8 +260,9 @@ def _window_plan(step: _StepPlan, window: int | None) -> _WindowPlan:
             & (k_pos < torch.from_numpy(seq_lens[rows])[:, None])  # [R, padded_len]
         decode.append(_DecodeBucket(
             num_rows=len(rows), padded_len=padded_len, token_index=torch.from_numpy(starts[rows]).to(device),
+            tokens=_as_range(starts[rows]),
             kv_blocks=_kv_blocks(tables[rows_t[:, None], block_index], step.num_blocks, device),
-            mask=mask[:, None, None, :].to(device)))
+            mask=_additive(mask[:, None, None, :], device)))
     prefill = []
     for i in np.flatnonzero(query_lens > 1).tolist():
         query_len, seq_len = int(query_lens[i]), int(seq_lens[i])
@@ -265,7 +276,7 @@ def _window_plan(step: _StepPlan, window: int | None) -> _WindowPlan:
             mask = k_pos <= q_pos
             if window is not None:
                 mask &= k_pos > q_pos - window
-            mask = mask.to(device)  # [Q, seq_len - key_start]
+            mask = _additive(mask, device)  # [Q, seq_len - key_start]
         prefill.append(_Prefill(int(starts[i]), int(starts[i + 1]), seq_len - key_start, kv_blocks, mask))
     return _WindowPlan(decode, prefill)
 
@@ -273,10 +284,23 @@ def _window_plan(step: _StepPlan, window: int | None) -> _WindowPlan:
 def _soft_capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
                            soft_cap: float) -> torch.Tensor:
     """``softmax(c * tanh(scale * q k^T / c), masked) v`` for q [..., M, D] and k, v [..., L, D];
-    ``mask`` (True: visible) broadcasts to the scores [..., M, L]. Every row sees some key."""
+    ``mask`` (0: visible, -inf: hidden) broadcasts to the scores [..., M, L]. Every row sees some key."""
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale / soft_cap).tanh_().mul_(soft_cap)
-    scores.masked_fill_(~mask, float("-inf"))
+    scores.add_(mask)
     return torch.matmul(scores.softmax(-1), v)
+
+
+def _as_range(tokens: np.ndarray) -> slice | None:
+    """Ascending token positions as a slice when they are consecutive, else None."""
+    first, last = int(tokens[0]), int(tokens[-1])
+    return slice(first, last + 1) if last - first + 1 == len(tokens) else None
+
+
+def _additive(visible: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A bool mask (True: visible) as the fp32 one SDPA adds to the scores (0 or -inf): what SDPA would
+    convert a bool mask to on every call, made once per step for every layer."""
+    hidden = ~visible.to(device)
+    return torch.zeros(visible.shape, dtype=torch.float32, device=device).masked_fill_(hidden, float("-inf"))
 
 
 def _check_window_and_cap(sliding_window: int | None, logits_soft_cap: float | None) -> None:

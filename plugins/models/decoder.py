@@ -34,7 +34,7 @@ from tokenmill.model_base import KVCacheSpec
 from tokenmill.quantization import QuantizedWeight
 
 from .layers import Attention, AttentionSpec, BlockParts, GatedMLP, RMSNorm
-from .rope import ROPE_TYPES, RotaryEmbedding
+from .rope import ROPE_TYPES, RotaryEmbedding, signed_sin
 
 # HuggingFace projection -> (fused parameter, shard index within it)
 _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -186,7 +186,8 @@ class DecoderForCausalLM(Model):
             raise ValueError(f"{type(self).__name__}.decoder_spec gave {len(mlps)} MLP builders for "
                              f"{len(spec.layers)} layers")
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, parallel="vocab")
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, parallel="vocab",
+                                      head=self.tie_word_embeddings)
         # a buffer in the model dtype: transformers rounds Gemma's sqrt(hidden) to it too
         self.register_buffer("embed_scale", None if spec.embed_scale == 1.0 else torch.tensor(spec.embed_scale),
                              persistent=False)
@@ -212,10 +213,10 @@ class DecoderForCausalLM(Model):
         if self.embed_scale is not None:
             h = h * self.embed_scale
         seq_lens = token_seq_lens(attn_metadata, positions.shape[0]) if self._needs_seq_lens else None
-        rope = {}  # cos, sin: [T, 1, rotary_dim] in h's dtype, computed once for every layer
+        rope = {}  # cos, signed sin: [T, 1, rotary_dim] in h's dtype, computed once for every layer
         for key, rotary in self.rotary.items():
             cos, sin = rotary(positions, seq_lens)
-            rope[key] = cos.to(h.dtype)[:, None, :], sin.to(h.dtype)[:, None, :]
+            rope[key] = cos.to(h.dtype)[:, None, :], signed_sin(sin).to(h.dtype)[:, None, :]
         for layer, kv_cache in zip(self.layers, self.kv_caches):
             h = layer(h, *rope[layer.self_attn.spec.rope], kv_cache, attn_metadata)
         return self.norm(h)

@@ -88,6 +88,9 @@ class RMSNorm(nn.Module):
             self.weight.copy_(tensor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._split is None and not self.upcast_weight and x.dtype == torch.float32:
+            # torch's own kernel runs the same ops (pow, mean, add, rsqrt, mul, mul): bit-identical in fp32
+            return F.rms_norm(x, x.shape[-1:], self.weight + 1.0 if self.unit_offset else self.weight, self.eps)
         xf = x.float()
         if self._split is None:
             mean_square = xf.pow(2).mean(-1, keepdim=True)
@@ -116,7 +119,7 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # gate, up: [T, intermediate]
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(self.act(gate).mul_(up))
 
 
 class PlainMLP(nn.Module):
@@ -205,15 +208,20 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.spec.qk_norm is QKNorm.FULL_WIDTH:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(-1, self.num_heads, self.head_dim)  # q: [T, H, D]
-        k = k.view(-1, self.num_kv_heads, self.head_dim)  # k: [T, KV, D]
-        v = v.view(-1, self.num_kv_heads, self.head_dim)  # v: [T, KV, D]
-        if self.spec.qk_norm is QKNorm.PER_HEAD:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv_proj(x)
+        v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)  # v: [T, KV, D]
+        if self.spec.qk_norm is QKNorm.NONE:  # q and k side by side: one rotation for both
+            qk = apply_rope(qkv[:, :self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads,
+                                                                      self.head_dim), cos, sin)
+            q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]  # q: [T, H, D], k: [T, KV, D]
+        else:
+            q, k = qkv[:, :self.q_size], qkv[:, self.q_size: self.q_size + self.kv_size]
+            if self.spec.qk_norm is QKNorm.FULL_WIDTH:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
+            if self.spec.qk_norm is QKNorm.PER_HEAD:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = self.backend.forward(q, k, v, kv_cache, attn_metadata, self.spec.scale,
                                    **self.backend_options)  # out: [T, H, D]
         return self.o_proj(out.reshape(-1, self.q_size))
@@ -252,9 +260,9 @@ class PreNormBlock(nn.Module):
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         attn = self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, attn_metadata)
-        h = h + (attn if self.residual_scale == 1.0 else attn * self.residual_scale)
+        h = attn.add_(h) if self.residual_scale == 1.0 else h + attn * self.residual_scale  # attn: a fresh tensor
         mlp = self.mlp(self.post_attention_layernorm(h))
-        return h + (mlp if self.residual_scale == 1.0 else mlp * self.residual_scale)
+        return mlp.add_(h) if self.residual_scale == 1.0 else h + mlp * self.residual_scale
 
 
 class SandwichBlock(nn.Module):
